@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny datasets built once per session, the shared/ fixtures folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """6 random-policy PointMaze episodes of 30 steps at 32 px, collected in-process."""
+    from wmlab.data.collect import collect
+
+    out = tmp_path_factory.mktemp("data") / "tiny.zarr"
+    return collect(
+        out, n_episodes=6, episode_len=30, workers=1, seed=3, env_kwargs={"img_size": 32}, progress=False
+    )

@@ -1,0 +1,211 @@
+"""``wmlab <verb> key=value ...``: one entry point, a Hydra config per verb.
+
+Each verb has a config ``wmlab/conf/<verb>.yaml`` (config groups such as ``env=`` live beside it)
+and a function in the library that does the work; this file only maps one onto the other.
+Overrides follow Hydra (and DINO-WM's names): a typo'd key or an unknown choice fails with the
+valid ones listed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+VERBS: dict[str, tuple[str, str]] = {}  # verb -> (config name, one-line help)
+_HANDLERS: dict[str, Callable[[DictConfig], object]] = {}
+
+
+def verb(name: str, config: str, help_text: str):
+    def register(fn):
+        VERBS[name] = (config, help_text)
+        _HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+def env_kwargs(cfg: DictConfig) -> dict:
+    """The env group's settings as ``make_env`` keyword arguments (without its ``name``)."""
+    kwargs = OmegaConf.to_container(cfg.env, resolve=True)
+    kwargs.pop("name")
+    return kwargs
+
+
+@verb("collect", "collect", "collect a trajectory dataset (parallel, resumable)")
+def _collect(cfg: DictConfig):
+    from wmlab.data.collect import collect
+
+    store = collect(
+        out=cfg.out,
+        env=cfg.env.name,
+        n_episodes=cfg.n_episodes,
+        episode_len=cfg.episode_len,
+        policy=cfg.policy,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        env_kwargs=env_kwargs(cfg),
+        progress=cfg.progress,
+    )
+    run = store.metadata.get("last_run", {})
+    print(f"{len(store)}/{store.n_slots} episodes in {store.path} ({run.get('frames_per_second')} frames/s)")
+
+
+@verb("convert", "convert", "convert a DINO-WM point_maze folder into a wmlab dataset")
+def _convert(cfg: DictConfig):
+    from wmlab.data.dino_wm_format import convert_dino_wm
+
+    src = Path(cfg.data)
+    out = Path(cfg.out) if cfg.out else src.with_name(src.name + ".zarr")
+    store = convert_dino_wm(src, out, env=cfg.env.name, progress=cfg.progress)
+    print(f"converted {len(store)} episodes from {src} into {out}")
+
+
+@verb("export", "export", "export a wmlab dataset in DINO-WM's point_maze folder format")
+def _export(cfg: DictConfig):
+    from wmlab.data.dino_wm_format import export_dino_wm
+
+    export_dino_wm(cfg.data, cfg.out, overwrite=cfg.overwrite)
+    print(f"wrote DINO-WM folder {cfg.out}")
+
+
+@verb("check-render", "check_render", "compare our renders of a dataset's states with its frames")
+def _check_render(cfg: DictConfig):
+    from wmlab.data import open_dataset
+    from wmlab.envs.render_check import check_render
+
+    kwargs = env_kwargs(cfg)
+    kwargs.pop("img_size", None)  # the dataset's frame size decides
+    report = check_render(
+        open_dataset(cfg.data), cfg.out, env=cfg.env.name, n_samples=cfg.n_samples, seed=cfg.seed,
+        fit=cfg.fit, env_kwargs=kwargs,
+    )  # fmt: skip
+    print(json.dumps(report, indent=1))
+
+
+@verb("show", "show", "write a PNG grid and a GIF of a few episodes")
+def _show(cfg: DictConfig):
+    from wmlab.report.show import show_dataset
+
+    for path in show_dataset(cfg.data, cfg.out, cfg.n_episodes, cfg.n_frames, cfg.gif, cfg.seed):
+        print(path)
+
+
+@verb("info", "info", "summarise a dataset: episodes, lengths, shapes, metadata")
+def _info(cfg: DictConfig):
+    import numpy as np
+
+    from wmlab.data import open_dataset
+
+    dataset = open_dataset(cfg.data)
+    lengths = np.asarray(dataset.lengths)
+    complete = lengths[lengths > 0]
+    summary = {
+        "path": str(cfg.data),
+        "episodes_complete": int(complete.size),
+        "episode_slots": int(lengths.size),
+        "steps": int(complete.sum()),
+        "length_min_mean_max": [int(complete.min()), float(complete.mean()), int(complete.max())]
+        if complete.size
+        else None,
+        "metadata": getattr(dataset, "metadata", {}),
+    }
+    print(json.dumps(summary, indent=1, default=str))
+
+
+def compose(verb_name: str, overrides: list[str]) -> DictConfig:
+    """The resolved config of ``verb_name`` with ``overrides`` (Hydra's compose API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    config_name, _ = VERBS[verb_name]
+    with initialize_config_module(config_module="wmlab.conf", version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def run(verb_name: str, *overrides: str):
+    """Python entry equal to the CLI: ``run("collect", "n_episodes=10", "img_size=64")``."""
+    if verb_name not in VERBS:
+        close = difflib.get_close_matches(verb_name, VERBS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise SystemExit(f"wmlab: unknown verb '{verb_name}'.{hint} Verbs: {', '.join(VERBS)}")
+    return _HANDLERS[verb_name](compose(verb_name, list(overrides)))
+
+
+def _suggest_keys(verb_name: str, overrides: list[str]) -> str:
+    """'Did you mean ...' for override keys that are not in the verb's config."""
+    try:
+        base = OmegaConf.to_container(compose(verb_name, []), resolve=False)
+    except Exception:
+        return ""
+
+    def keys(node, prefix=""):
+        for k, v in node.items():
+            yield prefix + k
+            if isinstance(v, dict):
+                yield from keys(v, prefix + k + ".")
+
+    known = list(keys(base))
+    hints = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            guess = f"; did you mean {close}?" if close else ""
+            hints.append(f"'{key}' is not a setting of '{verb_name}'{guess}")
+    return ("\n" + "\n".join(hints)) if hints else ""
+
+
+def _usage() -> str:
+    lines = ["usage: wmlab <verb> [key=value ...]   (wmlab <verb> --cfg shows the config)", "", "verbs:"]
+    lines += [f"  {name:<14} {help_text}" for name, (_, help_text) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    verb_name, overrides = argv[0], argv[1:]
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from wmlab.data.errors import DatasetError
+
+    try:
+        if "--cfg" in overrides or "--help" in overrides:
+            if verb_name not in VERBS:
+                run(verb_name)  # raises the unknown-verb message
+            print(OmegaConf.to_yaml(compose(verb_name, [o for o in overrides if not o.startswith("--")])))
+            return 0
+        run(verb_name, *overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        lines = str(err).replace("\n\n", "\n").splitlines()
+        # Hydra appends its config search path; a user needs the valid choices, not that.
+        if "Config search path:" in lines:
+            lines = lines[: lines.index("Config search path:")]
+        message = "\n".join(lines)
+        if "Missing mandatory value" in message:
+            message += "\n(give it on the command line as key=value)"
+        if "Could not override" in message:
+            message += _suggest_keys(verb_name, overrides)
+        print(f"wmlab {verb_name}: bad configuration: {message}", file=sys.stderr)
+        return 2
+    except (DatasetError, FileNotFoundError, ValueError) as err:
+        print(f"wmlab {verb_name}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        print(f"\nwmlab {verb_name}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
