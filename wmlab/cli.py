@@ -84,7 +84,9 @@ def _check_render(cfg: DictConfig):
         open_dataset(cfg.data), cfg.out, env=cfg.env.name, n_samples=cfg.n_samples, seed=cfg.seed,
         fit=cfg.fit, env_kwargs=kwargs,
     )  # fmt: skip
-    print(json.dumps(report, indent=1))
+    summary = {k: v for k, v in report.items() if k != "samples"}  # per-sample rows are in the JSON file
+    print(json.dumps(summary, indent=1))
+    print(f"side-by-side frames and the full report: {Path(cfg.out) / 'check_render.png'}, .json")
 
 
 @verb("show", "show", "write a PNG grid and a GIF of a few episodes")
