@@ -74,10 +74,13 @@ class FakeFeatureCache:
 
     key = "visual"
 
-    def read(self, episode, times):
-        return (
+    def read(self, episode, times, out=None):
+        tokens = (
             np.full((len(times), 3, 2), float(episode), dtype=np.float16) + np.asarray(times)[:, None, None]
         )
+        if out is not None:
+            out[:] = tokens
+        return tokens
 
 
 def test_windows_serve_cached_features(tiny_store):

@@ -228,13 +228,16 @@ class TrajectoryStore:
         """float32 (L, S) of a committed episode."""
         return self.arrays["states"][index][: self._check_episode(index)]
 
-    def frames(self, index: int, times=None) -> np.ndarray:
-        """uint8 (len(times), H, W, 3) frames of a committed episode (all frames if ``times`` is None)."""
+    def frames(self, index: int, times=None, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (len(times), H, W, 3) frames of a committed episode (all frames if ``times`` is None).
+
+        ``out``, if given, is a C-contiguous uint8 array of that shape to decode into.
+        """
         length = self._check_episode(index)
         times = np.arange(length) if times is None else np.asarray(times, dtype=np.int64).reshape(-1)
         if times.size and (times.min() < 0 or times.max() >= length):
             raise IndexError(f"times {times.tolist()} outside episode {index} of length {length}")
-        return self._frame_files.read(index, times)
+        return self._frame_files.read(index, times, out)
 
     def episode(self, index: int) -> dict:
         """All data of one committed episode: frames, actions, states (cut to its length), seed."""
@@ -300,6 +303,7 @@ class _FrameChunkFiles:
         self.frame_shape = tuple(array.shape[2:])
         self.fill_value = array.fill_value
         self.codec = None
+        self._chunk_root = str(array_dir / "c")
         try:
             meta = json.loads((array_dir / "zarr.json").read_text())
             codecs = meta["codecs"]
@@ -315,8 +319,9 @@ class _FrameChunkFiles:
         except (OSError, KeyError, ValueError):
             self.codec = None
 
-    def chunk_path(self, episode: int, t: int) -> Path:
-        return self.array_dir / "c" / str(int(episode)) / str(int(t)) / "0" / "0" / "0"
+    def chunk_path(self, episode: int, t: int) -> str:
+        # Plain string formatting: pathlib costs more than decoding a frame on this hot path.
+        return f"{self._chunk_root}/{int(episode)}/{int(t)}/0/0/0"
 
     def write(self, episode: int, frames: np.ndarray) -> None:
         """Write frames (L, H, W, 3) uint8 as the chunks of times 0..L-1, each atomically."""
@@ -328,25 +333,29 @@ class _FrameChunkFiles:
         for stale in directory.glob(".*.partial") if directory.is_dir() else ():
             stale.unlink(missing_ok=True)
         for t, frame in enumerate(frames):
-            path = self.chunk_path(episode, t)
+            path = Path(self.chunk_path(episode, t))
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = directory / f".{t}.{os.getpid()}.partial"
             tmp.write_bytes(self.codec.encode(np.ascontiguousarray(frame)))
             os.replace(tmp, path)
 
-    def read(self, episode: int, times: np.ndarray) -> np.ndarray:
+    def read(self, episode: int, times: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Frames uint8 (len(times), H, W, 3), decoded into ``out`` when given (no extra copy)."""
+        if out is None:
+            out = np.empty((len(times), *self.frame_shape), dtype=np.uint8)
         if self.codec is None:
-            return np.asarray(self.array.oindex[episode, times])
-        out = np.empty((len(times), *self.frame_shape), dtype=np.uint8)
+            out[:] = self.array.oindex[episode, times]
+            return out
         for k, t in enumerate(times):
             chunk = self.chunk_path(episode, t)
             try:
-                raw = chunk.read_bytes()
+                with open(chunk, "rb") as f:
+                    raw = f.read()
             except FileNotFoundError:
                 out[k] = self.fill_value  # Zarr semantics: an unwritten chunk holds the fill value
                 continue
             try:
-                out[k] = np.frombuffer(self.codec.decode(raw), dtype=np.uint8).reshape(self.frame_shape)
+                self.codec.decode(raw, out=out[k])
             except Exception as err:
                 raise DatasetError(
                     f"frame chunk {chunk} is corrupt or truncated ({err}); re-collect episode {episode}"

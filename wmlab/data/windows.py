@@ -53,9 +53,10 @@ def split_episodes(episodes, train_fraction: float = 0.9, seed: int = 42) -> tup
 
 
 class FrameSource:
-    """Serves frames from a store: ``read(episode, times) -> uint8 (len(times), H, W, 3)``.
+    """Serves frames from a store: ``read(episode, times, out=None) -> uint8 (len(times), H, W, 3)``.
 
     The frozen-feature cache implements the same ``read`` returning (len(times), N, D) tokens.
+    ``out`` lets the batch be decoded in place instead of stacked afterwards.
     """
 
     key = "visual"
@@ -63,8 +64,8 @@ class FrameSource:
     def __init__(self, store) -> None:
         self.store = store
 
-    def read(self, episode: int, times: np.ndarray) -> np.ndarray:
-        return self.store.frames(episode, times)
+    def read(self, episode: int, times: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self.store.frames(episode, times, out=out)
 
 
 class WindowDataset:
@@ -123,8 +124,14 @@ class WindowDataset:
         return {k: v[0] for k, v in batch.items()}
 
     def __getitems__(self, ids) -> dict:
-        """Batched fetch used by torch's DataLoader (pass ``collate_fn=lambda b: b``)."""
-        return self.get_batch(ids)
+        """Batched fetch used by torch's DataLoader (pass ``collate_fn=lambda b: b``).
+
+        Returns torch tensors (zero-copy views): from DataLoader workers they travel through shared
+        memory, whereas numpy arrays would be pickled through a pipe.
+        """
+        import torch
+
+        return {k: torch.from_numpy(v) for k, v in self.get_batch(ids).items()}
 
     def get_batch(self, ids) -> dict:
         """Stack windows ``ids`` into a batch of B windows.
@@ -140,7 +147,11 @@ class WindowDataset:
         B = len(ids)
         A = self._actions.shape[-1]
         actions = self._actions[episodes[:, None], action_t].reshape(B, F, k * A)  # (B, F, k*A)
-        visual = np.stack([self.source.read(int(e), t) for e, t in zip(episodes, frame_t)])  # (B, F, ...)
+        first = self.source.read(int(episodes[0]), frame_t[0])  # (F, ...)
+        visual = np.empty((B, *first.shape), dtype=first.dtype)  # (B, F, ...)
+        visual[0] = first
+        for b in range(1, B):
+            self.source.read(int(episodes[b]), frame_t[b], out=visual[b])
         return {
             self.source.key: visual,
             "proprio": self._proprio[episodes[:, None], frame_t],  # (B, F, P)
