@@ -35,7 +35,9 @@ def test_collect_info_show(tmp_path):
         "img_size=24",
         "workers=1",
         "progress=false",
+        f"preview_dir={tmp_path / 'preview'}",
     )
+    assert (tmp_path / "preview" / "pm_grid.png").is_file() and (tmp_path / "preview" / "pm.gif").is_file()
     info = json.loads(wmlab("info", f"data={data}").stdout)
     assert info["episodes_complete"] == 3 and info["metadata"]["render_size"] == [24, 24]
     shown = wmlab("show", f"data={data}", f"out={tmp_path / 'show'}", "n_episodes=2").stdout.split()

@@ -45,7 +45,7 @@ def test_resume_refuses_different_settings(tiny_store):
 
 def _cli(out, n, workers=2):
     args = ["collect", f"out={out}", f"n_episodes={n}", "episode_len=20", "img_size=16", f"workers={workers}"]
-    return [sys.executable, "-m", "wmlab.cli", *args, "progress=false"]
+    return [sys.executable, "-m", "wmlab.cli", *args, "progress=false", "preview=false"]
 
 
 def _wait_for_commits(path, at_least, process, timeout=60.0):

@@ -53,6 +53,11 @@ def _collect(cfg: DictConfig):
     )
     run = store.metadata.get("last_run", {})
     print(f"{len(store)}/{store.n_slots} episodes in {store.path} ({run.get('frames_per_second')} frames/s)")
+    if cfg.preview:
+        from wmlab.report.show import show_dataset
+
+        for path in show_dataset(store.path, cfg.preview_dir, n_episodes=4, n_frames=8):
+            print(f"preview: {path}")
 
 
 @verb("convert", "convert", "convert a DINO-WM point_maze folder into a wmlab dataset")
