@@ -88,3 +88,19 @@ def test_windows_serve_cached_features(tiny_store):
     batch = train.get_batch([0, 1])
     assert batch["visual"].shape == (2, 4, 3, 2)
     assert batch["visual"][1, :, 0, 0].tolist() == [train.window_episode[1] + t for t in (1, 6, 11, 16)]
+
+
+def test_windows_read_a_dino_wm_folder_directly():
+    from tests_paths import DINO_WM_POINT_MAZE
+
+    from wmlab.data.dino_wm_format import DinoWMDataset
+
+    if not DINO_WM_POINT_MAZE.is_dir():
+        pytest.skip("../shared/fixtures is absent")
+    folder = DinoWMDataset(DINO_WM_POINT_MAZE)  # lengths 6, 4, 5
+    spec = WindowSpec(num_hist=1, num_pred=1, frameskip=2)  # span 4 steps
+    windows = WindowDataset(folder, [0, 1, 2], spec, make_datasets(folder, spec, train_fraction=1.0)[2])
+    assert len(windows) == (6 - 4 + 1) + (4 - 4 + 1) + (5 - 4 + 1)
+    batch = windows.get_batch([0, 3])
+    assert batch["visual"].shape == (2, 2, 224, 224, 3) and batch["actions"].shape == (2, 2, 4)
+    assert np.array_equal(batch["visual"][1], folder.frames(1, [0, 2]))

@@ -18,7 +18,7 @@ import numpy as np
 
 from wmlab.data.errors import DatasetError
 from wmlab.data.policies import make_policy
-from wmlab.data.store import StoreSpec, TrajectoryStore
+from wmlab.data.store import StoreSpec, TrajectoryStore, jsonable
 from wmlab.envs import env_entry, make_env
 
 #: Metadata that must match for a re-run to resume into an existing dataset.
@@ -151,6 +151,7 @@ def _open_or_create(out, env, entry, env_kwargs, n_episodes, episode_len, policy
     if out.exists():
         store = TrajectoryStore(out, mode="a")
         meta = store.metadata
+        wanted = jsonable(wanted)  # compare as stored: tuples became lists in JSON
         diffs = {k: (meta.get(k), wanted[k]) for k in RESUME_KEYS if meta.get(k) != wanted[k]}
         if diffs:
             listing = "; ".join(f"{k}: dataset has {a!r}, asked {b!r}" for k, (a, b) in diffs.items())

@@ -258,18 +258,37 @@ class DinoWMDataset:
         """float32 (L, S) states of episode ``index`` (padding removed)."""
         return self._states[index, : self._check_index(index)].copy()
 
-    def frames(self, index: int, times=None) -> np.ndarray:
-        """uint8 (len(times), H, W, 3) frames of episode ``index`` (all L if ``times`` is None).
+    def frames(self, index: int, times=None, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (len(times), H, W, 3) frames of episode ``index`` (all L if ``times`` is None),
+        copied into ``out`` when given.
 
-        The format stores an episode in one file, so this loads the whole episode file.
+        The format stores an episode in one file, so this loads the whole episode file: training
+        windows read this way are slow; ``wmlab convert`` once for fast random access.
         """
         frames = self._load_frames(index)
-        if times is None:
-            return np.ascontiguousarray(frames)
-        times = np.asarray(times, dtype=np.int64).reshape(-1)
-        if times.size and (times.min() < 0 or times.max() >= len(frames)):
-            raise IndexError(f"times {times.tolist()} outside episode {index} of length {len(frames)}")
-        return frames[times]
+        if times is not None:
+            times = np.asarray(times, dtype=np.int64).reshape(-1)
+            if times.size and (times.min() < 0 or times.max() >= len(frames)):
+                raise IndexError(f"times {times.tolist()} outside episode {index} of length {len(frames)}")
+            frames = frames[times]
+        if out is not None:
+            out[:] = frames
+            return out
+        return np.ascontiguousarray(frames)
+
+    # The padded views below let training windows (wmlab.data.windows) read this folder directly.
+    @property
+    def committed(self) -> np.ndarray:
+        """Indices of all episodes (a DINO-WM folder has no incomplete ones)."""
+        return np.arange(self.n_episodes)
+
+    def all_actions(self) -> np.ndarray:
+        """float32 (N, T_max, A), zero-padded past each length."""
+        return self._actions
+
+    def all_states(self) -> np.ndarray:
+        """float32 (N, T_max, S), zero-padded past each length."""
+        return self._states
 
     def episode(self, index: int) -> dict:
         """Episode ``index`` cut to its length: frames uint8 (L, H, W, 3), actions float32 (L, A),

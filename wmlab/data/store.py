@@ -122,7 +122,7 @@ class TrajectoryStore:
             group.create_array(name, shape=(E,), chunks=(max(E, 1),), dtype="int64", fill_value=0)
         meta = dict(metadata)
         meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
-        group.attrs.update(_jsonable(meta))
+        group.attrs.update(jsonable(meta))
         return cls(path, mode="a")
 
     def grow(self, n_episodes: int) -> None:
@@ -176,7 +176,7 @@ class TrajectoryStore:
 
     def update_metadata(self, **items) -> None:
         self._require_writable()
-        self.group.attrs.update(_jsonable(items))
+        self.group.attrs.update(jsonable(items))
 
     # ------------------------------------------------------------------ reading
     def refresh(self) -> None:
@@ -363,12 +363,12 @@ class _FrameChunkFiles:
         return out
 
 
-def _jsonable(value):
+def jsonable(value):
     """Convert numpy scalars/arrays and tuples inside metadata to plain JSON types."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
