@@ -48,7 +48,12 @@ def test_fast_path_agrees_with_zarr_both_ways(tmp_path):
     store = make_store(tmp_path / "d.zarr")
     rng = np.random.default_rng(1)
     frames, actions, states = random_episode(rng, 5)
-    store.write_episode(0, frames, actions, states)  # written by our chunk writer
+    assert store._frame_files.codec is not None, "the fast path must be in use for our own layout"
+    store.write_episode(0, frames[:4], actions[:4], states[:4])  # written by our shard writer
+    store.commit({0: 4})
+    assert np.array_equal(np.asarray(store.arrays["frames"][0, :4]), frames[:4])  # read by zarr
+    assert not np.asarray(store.arrays["frames"][0, 4]).any()  # an empty slot reads as fill value
+    store.write_episode(0, frames, actions, states)  # a rewrite replaces the cached index
     store.commit({0: 5})
     assert np.array_equal(np.asarray(store.arrays["frames"][0]), frames)  # read by zarr
     other = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
@@ -63,9 +68,13 @@ def test_truncated_chunk_and_missing_files_are_reported(tmp_path):
     store = make_store(path)
     store.write_episode(0, *random_episode(np.random.default_rng(2), 5))
     store.commit({0: 5})
-    chunk = path / "frames" / "c" / "0" / "2" / "0" / "0" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:10])
-    with pytest.raises(DatasetError, match="corrupt or truncated"):
+    shard = path / "frames" / "c.0.0.0.0.0"  # episode 0's frames, one file
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-30])  # cut into the index at the end
+    with pytest.raises(DatasetError, match=r"shard .* is corrupt"):
+        TrajectoryStore(path).frames(0, [2])
+    shard.write_bytes(whole[:40])
+    with pytest.raises(DatasetError, match="truncated"):
         TrajectoryStore(path).frames(0, [2])
     (path / "zarr.json").write_text("{not json")
     with pytest.raises(DatasetError, match="cannot open"):

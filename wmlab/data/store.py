@@ -4,21 +4,21 @@ Layout (``E`` episode slots, ``T`` = max episode length, frames ``H x W x 3``)::
 
     <dataset>.zarr/
       zarr.json                 group attributes = metadata (env id, render size, versions, ...)
-      frames     uint8  (E, T, H, W, 3)   one compressed chunk per frame (random access)
+      frames     uint8  (E, T, H, W, 3)   one shard file per episode, one compressed chunk per frame
       actions    float32 (E, T, A)        one chunk per episode
       states     float32 (E, T, S)        one chunk per episode; state = proprio for PointMaze
       seeds      int64  (E,)              the seed each episode was generated from
       lengths    int64  (E,)              0 = not committed; else the valid length
 
 Why this shape. It is DINO-WM's padded (N, T_max, ...) layout, so conversion is a copy. Episode
-slots are fixed, so parallel workers write their own episode's chunks directly (distinct files,
+slots are fixed, so parallel workers write their own episode's files directly (distinct files,
 no locking), and unwritten padding costs no disk (Zarr does not store empty chunks). An episode
 becomes visible only when the single writer of ``lengths`` commits it, and Zarr's local store
 writes every file atomically (temp file + rename), so a reader never sees half an episode and a
 killed writer leaves nothing half-valid: resume simply re-collects the uncommitted slots.
 
-Frames are read through a fast path that decodes chunk files with numcodecs directly (the Zarr
-API costs ~1 ms per chunk; a window needs 4 chunks), checked against Zarr's own decoding in tests.
+Frames are read and written through a fast path that handles the shard files with numcodecs
+directly (the Zarr API costs ~1 ms per frame; a window needs 4), checked against Zarr in tests.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import numpy as np
 
 from wmlab.data.errors import DatasetError
 
-FRAME_ARRAYS = ("frames",)
 REQUIRED_ARRAYS = ("frames", "actions", "states", "seeds", "lengths")
 FORMAT_NAME = "wmlab-trajectories"
 FORMAT_VERSION = 1
@@ -95,7 +94,7 @@ class TrajectoryStore:
         self.arrays = {name: self.group[name] for name in REQUIRED_ARRAYS}
         self.mode = mode
         self._validate_shapes()
-        self._frame_files = _FrameChunkFiles(self.path / "frames", self.arrays["frames"])
+        self._frame_files = _FrameShards(self.path / "frames", self.arrays["frames"])
         self.refresh()
 
     # ------------------------------------------------------------------ creation
@@ -109,17 +108,24 @@ class TrajectoryStore:
         group = zarr.open_group(str(path), mode="w-")
         E, T = spec.n_episodes, spec.max_len
         H, W, C = spec.frame_shape
+        # "." keys ("c.3.0.0.0.0") keep every array's files in one folder: nested folders per
+        # chunk cost a 4 KiB block each.
+        flat_keys = {"name": "default", "separator": "."}
         group.create_array(
-            "frames", shape=(E, T, H, W, C), chunks=(1, 1, H, W, C), dtype="uint8",
-            compressors=[_blosc(spec.compression)], fill_value=0,
+            "frames", shape=(E, T, H, W, C), chunks=(1, 1, H, W, C), shards=(1, T, H, W, C),
+            dtype="uint8", compressors=[_blosc(spec.compression)], fill_value=0,
+            chunk_key_encoding=flat_keys,
         )  # fmt: skip
         for name, dim in (("actions", spec.action_dim), ("states", spec.state_dim)):
             group.create_array(
                 name, shape=(E, T, dim), chunks=(1, T, dim), dtype="float32",
-                compressors=[_blosc("zstd")], fill_value=0.0,
+                compressors=[_blosc("zstd")], fill_value=0.0, chunk_key_encoding=flat_keys,
             )  # fmt: skip
         for name in ("seeds", "lengths"):
-            group.create_array(name, shape=(E,), chunks=(max(E, 1),), dtype="int64", fill_value=0)
+            group.create_array(
+                name, shape=(E,), chunks=(max(E, 1),), dtype="int64", fill_value=0,
+                chunk_key_encoding=flat_keys,
+            )  # fmt: skip
         meta = dict(metadata)
         meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
         group.attrs.update(jsonable(meta))
@@ -288,56 +294,104 @@ class TrajectoryStore:
                 )
 
 
-class _FrameChunkFiles:
-    """Read and write single-frame chunks as files directly (falls back to the Zarr API).
+class _FrameShards:
+    """Read and write an episode's frames as one Zarr shard file, directly (else via Zarr's API).
 
-    Valid only for this store's own layout: one chunk per (episode, time), default chunk keys,
-    bytes codec + one Blosc compressor; the bytes are exactly what Zarr writes and reads (tests
-    check both directions). Anything else goes through Zarr, which costs ~1 ms per chunk: more
-    than rendering a 64 px frame.
+    A shard is the spec's ``sharding_indexed`` layout: the Blosc-compressed frames one after the
+    other, then an index of (offset, nbytes) uint64 pairs per frame (2**64 - 1 = empty) and the
+    index's CRC32C. One file per episode keeps disk use near the compressed size (a file per frame
+    costs a 4 KiB block each, more than a compressed 64 px frame) and still reads any single frame
+    with one ``pread``. The fast path is valid only for this store's own layout; tests check that
+    Zarr and it read and write the same bytes. Zarr's API costs ~1 ms per frame: more than
+    rendering a 64 px frame, and 4x that for a training window.
     """
+
+    EMPTY = np.uint64(2**64 - 1)
+    INDEX_CACHE = 4096  # episodes whose shard index stays in memory (16 bytes per frame each)
 
     def __init__(self, array_dir: Path, array) -> None:
         self.array = array
         self.array_dir = array_dir
+        self.max_len = int(array.shape[1])
         self.frame_shape = tuple(array.shape[2:])
         self.fill_value = array.fill_value
         self.codec = None
-        self._chunk_root = str(array_dir / "c")
+        self._index_cache: dict[int, np.ndarray] = {}
         try:
             meta = json.loads((array_dir / "zarr.json").read_text())
-            codecs = meta["codecs"]
-            chunk_ok = list(meta["chunk_grid"]["configuration"]["chunk_shape"][:2]) == [1, 1]
-            key_ok = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/") == "/"
-            names = [c["name"] for c in codecs]
-            if chunk_ok and key_ok and names == ["bytes", "blosc"] and meta["data_type"] == "uint8":
+            self.separator = meta["chunk_key_encoding"]["configuration"]["separator"]
+            (sharding,) = meta["codecs"]
+            config = sharding["configuration"]
+            inner = config["codecs"]
+            fast = (
+                sharding["name"] == "sharding_indexed"
+                and meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, self.max_len, *self.frame_shape]
+                and config["chunk_shape"] == [1, 1, *self.frame_shape]
+                and [c["name"] for c in inner] == ["bytes", "blosc"]
+                and [c["name"] for c in config["index_codecs"]] == ["bytes", "crc32c"]
+                and config["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                and config.get("index_location", "end") == "end"
+                and meta["data_type"] == "uint8"
+            )
+            if fast:
                 import numcodecs
 
-                blosc = codecs[1]["configuration"]
+                blosc = inner[1]["configuration"]
                 shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc["shuffle"]]
                 self.codec = numcodecs.Blosc(cname=blosc["cname"], clevel=blosc["clevel"], shuffle=shuffle)
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError):
             self.codec = None
 
-    def chunk_path(self, episode: int, t: int) -> str:
+    def shard_path(self, episode: int) -> str:
         # Plain string formatting: pathlib costs more than decoding a frame on this hot path.
-        return f"{self._chunk_root}/{int(episode)}/{int(t)}/0/0/0"
+        sep = self.separator
+        return f"{self.array_dir}/c{sep}{int(episode)}{sep}0{sep}0{sep}0{sep}0"
 
     def write(self, episode: int, frames: np.ndarray) -> None:
-        """Write frames (L, H, W, 3) uint8 as the chunks of times 0..L-1, each atomically."""
+        """Write frames (L, H, W, 3) uint8 as episode ``episode``'s shard, atomically."""
+        import google_crc32c
+
+        self._index_cache.pop(int(episode), None)
         if self.codec is None:
             self.array[episode, : len(frames)] = frames
             return
-        directory = self.array_dir / "c" / str(int(episode))
-        # A writer killed mid-file leaves a temp file behind; the slot is being redone, so drop it.
-        for stale in directory.glob(".*.partial") if directory.is_dir() else ():
-            stale.unlink(missing_ok=True)
-        for t, frame in enumerate(frames):
-            path = Path(self.chunk_path(episode, t))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = directory / f".{t}.{os.getpid()}.partial"
-            tmp.write_bytes(self.codec.encode(np.ascontiguousarray(frame)))
-            os.replace(tmp, path)
+        chunks = [self.codec.encode(np.ascontiguousarray(frame)) for frame in frames]
+        index = np.full((self.max_len, 2), self.EMPTY, dtype="<u8")  # (T, [offset, nbytes])
+        sizes = np.array([len(c) for c in chunks], dtype=np.uint64)
+        index[: len(chunks), 1] = sizes
+        index[: len(chunks), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
+        index_bytes = index.tobytes()
+        checksum = google_crc32c.value(index_bytes).to_bytes(4, "little")
+        # One writer per slot at a time, so a per-slot temp name is safe and a killed writer's
+        # leftover is simply overwritten when the slot is redone.
+        tmp = f"{self.array_dir}/.c{int(episode)}.partial"
+        with open(tmp, "wb") as f:
+            f.write(b"".join([*chunks, index_bytes, checksum]))
+        os.replace(tmp, self.shard_path(episode))
+
+    def _index(self, episode: int, fd: int, path: str) -> np.ndarray:
+        """(T, 2) uint64 [offset, nbytes] of a shard, checked against its CRC32C."""
+        cached = self._index_cache.get(episode)
+        if cached is not None:
+            return cached
+        import google_crc32c
+
+        size = os.fstat(fd).st_size
+        n_index = self.max_len * 16 + 4
+        if size < n_index:
+            raise DatasetError(
+                f"frame shard {path} is truncated ({size} bytes); re-collect episode {episode}"
+            )
+        tail = os.pread(fd, n_index, size - n_index)
+        if google_crc32c.value(tail[:-4]).to_bytes(4, "little") != tail[-4:]:
+            raise DatasetError(
+                f"frame shard {path} is corrupt (index checksum); re-collect episode {episode}"
+            )
+        index = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.max_len, 2)
+        if len(self._index_cache) >= self.INDEX_CACHE:
+            self._index_cache.pop(next(iter(self._index_cache)))
+        self._index_cache[episode] = index
+        return index
 
     def read(self, episode: int, times: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Frames uint8 (len(times), H, W, 3), decoded into ``out`` when given (no extra copy)."""
@@ -346,20 +400,29 @@ class _FrameChunkFiles:
         if self.codec is None:
             out[:] = self.array.oindex[episode, times]
             return out
-        for k, t in enumerate(times):
-            chunk = self.chunk_path(episode, t)
-            try:
-                with open(chunk, "rb") as f:
-                    raw = f.read()
-            except FileNotFoundError:
-                out[k] = self.fill_value  # Zarr semantics: an unwritten chunk holds the fill value
-                continue
-            try:
-                self.codec.decode(raw, out=out[k])
-            except Exception as err:
-                raise DatasetError(
-                    f"frame chunk {chunk} is corrupt or truncated ({err}); re-collect episode {episode}"
-                ) from err
+        path = self.shard_path(episode)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            out[:] = self.fill_value  # Zarr semantics: an unwritten shard holds the fill value
+            return out
+        try:
+            index = self._index(int(episode), fd, path)
+            for k, t in enumerate(times):
+                offset, nbytes = index[t]
+                if offset == self.EMPTY:
+                    out[k] = self.fill_value
+                    continue
+                raw = os.pread(fd, int(nbytes), int(offset))
+                try:
+                    self.codec.decode(raw, out=out[k])
+                except Exception as err:
+                    raise DatasetError(
+                        f"frame {t} in shard {path} is corrupt or truncated ({err}); "
+                        f"re-collect episode {episode}"
+                    ) from err
+        finally:
+            os.close(fd)
         return out
 
 
