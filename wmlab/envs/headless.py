@@ -12,6 +12,7 @@ import os
 import sys
 
 _VALID_BACKENDS = ("egl", "osmesa", "glfw")
+_STATE = {"mujoco_imported_first": False}
 
 
 def configure_gl_backend() -> str:
@@ -20,6 +21,9 @@ def configure_gl_backend() -> str:
     A user's explicit ``MUJOCO_GL`` always wins. On Linux without ``DISPLAY`` we choose EGL.
     """
     backend = os.environ.get("MUJOCO_GL")
+    if backend is None and "mujoco" in sys.modules:
+        # Too late to choose: MuJoCo picked its GL platform when it was imported.
+        _STATE["mujoco_imported_first"] = True
     if backend is None:
         on_linux_without_display = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
         if not on_linux_without_display:
@@ -46,6 +50,12 @@ def make_renderer(model, height: int, width: int):
         return mujoco.Renderer(model, height=height, width=width)
     except Exception as egl_error:
         backend = os.environ.get("MUJOCO_GL", "")
+        if _STATE["mujoco_imported_first"]:
+            raise RuntimeError(
+                "MuJoCo could not create a rendering context: `mujoco` was imported before wmlab could "
+                "choose a headless OpenGL backend, so it used GLFW, which needs a display. Set "
+                "MUJOCO_GL=egl in the environment, or import wmlab before mujoco."
+            ) from egl_error
         raise RuntimeError(
             f"MuJoCo could not create an offscreen '{backend}' rendering context ({egl_error}). "
             "Headless rendering needs EGL (libegl1, usually present) or OSMesa: run "
