@@ -1,6 +1,6 @@
 """Collection throughput (frames/s) at 64 and 224 px with 1 and 2 workers, and dataset size on disk.
 
-    python benchmarks/collect.py [--episodes-64 40] [--episodes-224 24] [--keep DIR]
+    python benchmarks/collect.py [--episodes-64 150] [--episodes-224 60] [--keep DIR]
 
 Prints one JSON object. Throughput includes worker start-up, so it is what a user sees; the
 size ratio compares the disk space our store really uses (allocated blocks, as ``du``) with
@@ -28,8 +28,8 @@ def dir_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--episodes-64", type=int, default=40)
-    parser.add_argument("--episodes-224", type=int, default=24)
+    parser.add_argument("--episodes-64", type=int, default=150)
+    parser.add_argument("--episodes-224", type=int, default=60)
     parser.add_argument("--episode-len", type=int, default=100)
     parser.add_argument("--keep", type=Path, default=None, help="keep the 224 px / 2-worker dataset here")
     args = parser.parse_args()

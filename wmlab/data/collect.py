@@ -97,18 +97,24 @@ def collect(
     out = Path(out)
     store = _open_or_create(out, env, entry, env_kwargs, n_episodes, episode_len, policy, seed)
     seeds = np.asarray(store.arrays["seeds"][:])
-    todo = [i for i in range(n_episodes) if store.lengths[i] == 0]
+    lengths = store.lengths
+    todo = [i for i in range(n_episodes) if lengths[i] == 0]
     done_before = n_episodes - len(todo)
     started = time.perf_counter()
     bar = _progress_bar(n_episodes, done_before, progress, out)
-    committed = 0
+    committed, frames = 0, 0
+
+    def commit(index: int, length: int) -> None:
+        nonlocal committed, frames
+        store.commit({index: length})
+        committed, frames = committed + 1, frames + length
+        bar.update(1)
+
     try:
         if workers <= 1:
             _worker_init(str(out), env, env_kwargs, policy, episode_len)
             for index in todo:
-                store.commit(dict([_worker_collect(index, int(seeds[index]))]))
-                committed += 1
-                bar.update(1)
+                commit(*_worker_collect(index, int(seeds[index])))
         else:
             context = multiprocessing.get_context("spawn")  # a fresh GL state in every worker
             with cf.ProcessPoolExecutor(
@@ -118,9 +124,7 @@ def collect(
                 futures = [pool.submit(_worker_collect, i, int(seeds[i])) for i in todo]
                 try:
                     for future in cf.as_completed(futures):
-                        store.commit(dict([future.result()]))
-                        committed += 1
-                        bar.update(1)
+                        commit(*future.result())
                 except BaseException:
                     for f in futures:
                         f.cancel()
@@ -134,7 +138,6 @@ def collect(
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
-    frames = committed * episode_len
     store.update_metadata(
         last_run={
             "episodes": committed,
