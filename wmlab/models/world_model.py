@@ -1,0 +1,168 @@
+"""The latent world model (M): embeddings + block-causal predictor over frozen visual tokens.
+
+Token layout per frame (DINO-WM). With ``concat_dim=1`` the proprio and action embeddings are
+tiled onto every visual token: width = Dv + Ep + Ea (384 + 10 + 10 = 404 for DINOv2-S). With
+``concat_dim=0`` they are two extra tokens (Dv must then equal Ep = Ea). One model step carries
+``frameskip`` raw actions concatenated (2 x 5 = 10 for PointMaze), already z-scored.
+
+Training is teacher-forced: from frames 0..H-1 predict 1..H in one pass; the loss is MSE on the
+visual and proprio parts, never on the action part (actions are inputs, not predictions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from wmlab.models.predictor import BlockCausalPredictor, PredictorConfig
+
+
+@dataclass
+class WorldModelConfig:
+    visual_dim: int  # Dv, width of the encoder's tokens
+    num_visual_tokens: int  # N, tokens per frame from the encoder
+    action_dim: int = 10  # frameskip * raw action dim
+    proprio_dim: int = 4
+    action_emb_dim: int = 10
+    proprio_emb_dim: int = 10
+    num_hist: int = 3
+    num_pred: int = 1
+    concat_dim: int = 1
+    predictor: dict = field(default_factory=dict)  # PredictorConfig fields except the derived ones
+
+    def predictor_config(self) -> PredictorConfig:
+        derived = {"num_frames": self.num_hist, "num_tokens": self.num_tokens, "dim": self.token_dim}
+        return PredictorConfig(**{**self.predictor, **derived})
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_visual_tokens + (2 if self.concat_dim == 0 else 0)
+
+    @property
+    def token_dim(self) -> int:
+        if self.concat_dim == 0:
+            return self.visual_dim
+        return self.visual_dim + self.proprio_emb_dim + self.action_emb_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LatentWorldModel(nn.Module):
+    """Embeds (visual tokens, proprio, actions) into z, predicts next-frame z, rolls out plans."""
+
+    def __init__(self, cfg: WorldModelConfig) -> None:
+        super().__init__()
+        if cfg.concat_dim not in (0, 1):
+            raise ValueError(f"concat_dim must be 0 or 1, got {cfg.concat_dim}")
+        if cfg.num_pred != 1:
+            raise ValueError("only num_pred=1 is supported (as in DINO-WM)")
+        if cfg.concat_dim == 0 and not (cfg.visual_dim == cfg.action_emb_dim == cfg.proprio_emb_dim):
+            raise ValueError("concat_dim=0 needs action_emb_dim == proprio_emb_dim == the visual token width")
+        self.cfg = cfg
+        # DINO-WM uses Conv1d(kernel=1), i.e. the same linear map applied at every step.
+        self.action_encoder = nn.Linear(cfg.action_dim, cfg.action_emb_dim)
+        self.proprio_encoder = nn.Linear(cfg.proprio_dim, cfg.proprio_emb_dim)
+        self.predictor = BlockCausalPredictor(cfg.predictor_config())
+
+    # ------------------------------------------------------------------ token layout
+    def embed(self, visual: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """visual (B, T, N, Dv), proprio (B, T, P), actions (B, T, A) -> z (B, T, N', D')."""
+        B, T, N, Dv = visual.shape
+        assert (N, Dv) == (self.cfg.num_visual_tokens, self.cfg.visual_dim), (
+            f"visual tokens {tuple(visual.shape)} do not match the model's ({N=}, {Dv=}) -> "
+            f"({self.cfg.num_visual_tokens}, {self.cfg.visual_dim})"
+        )
+        p = self.proprio_encoder(proprio)  # (B, T, Ep)
+        a = self.action_encoder(actions)  # (B, T, Ea)
+        if self.cfg.concat_dim == 0:
+            return torch.cat([visual, p[:, :, None], a[:, :, None]], dim=2)  # (B, T, N+2, Dv)
+        p = p[:, :, None].expand(B, T, N, p.shape[-1])  # (B, T, N, Ep)
+        a = a[:, :, None].expand(B, T, N, a.shape[-1])  # (B, T, N, Ea)
+        return torch.cat([visual, p, a], dim=3)  # (B, T, N, Dv+Ep+Ea)
+
+    def replace_actions(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """z (B, T, N', D') with its action part replaced by the embedding of actions (B, T, A)."""
+        a = self.action_encoder(actions)  # (B, T, Ea)
+        if self.cfg.concat_dim == 0:
+            return torch.cat([z[:, :, :-1], a[:, :, None]], dim=2)
+        B, T, N, _ = z.shape
+        Ea = self.cfg.action_emb_dim
+        return torch.cat([z[..., :-Ea], a[:, :, None].expand(B, T, N, Ea)], dim=3)
+
+    def split(self, z: torch.Tensor) -> dict:
+        """z (..., N', D') -> {"visual": (..., N, Dv), "proprio": (..., Ep)}, as DINO-WM's separate_emb."""
+        if self.cfg.concat_dim == 0:
+            return {"visual": z[..., :-2, :], "proprio": z[..., -2, :]}
+        Dv, Ep = self.cfg.visual_dim, self.cfg.proprio_emb_dim
+        return {"visual": z[..., :Dv], "proprio": z[..., 0, Dv : Dv + Ep]}
+
+    def _prediction_part(self, z: torch.Tensor) -> torch.Tensor:
+        """The part of z that is predicted and scored: everything but the action embedding."""
+        if self.cfg.concat_dim == 0:
+            return z[:, :, :-1]
+        return z[..., : -self.cfg.action_emb_dim]
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, T, N', D') with T <= num_hist -> next-frame predictions (B, T, N', D')."""
+        return self.predictor(z)
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Teacher-forced loss on a window batch: visual (B, H+1, N, Dv) tokens, proprio (B, H+1, P),
+        actions (B, H+1, A). Returns (loss, components) with visual and proprio parts separately."""
+        z = self.embed(batch["visual"], batch["proprio"], batch["actions"])  # (B, H+1, N', D')
+        H = self.cfg.num_hist
+        pred = self.predict(z[:, :H])  # (B, H, N', D')
+        target = z[:, self.cfg.num_pred :].detach()  # (B, H, N', D')
+        loss = F.mse_loss(self._prediction_part(pred), self._prediction_part(target))
+        with torch.no_grad():
+            p, t = self.split(pred), self.split(target)
+            parts = {
+                "z_loss": loss.detach(),
+                "z_visual_loss": F.mse_loss(p["visual"], t["visual"]),
+                "z_proprio_loss": F.mse_loss(p["proprio"], t["proprio"]),
+            }
+        return loss, parts
+
+    def rollout(self, visual: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor) -> dict:
+        """Autoregressive rollout of S candidate action sequences from each of B start histories.
+
+        visual (B, n, N, Dv) and proprio (B, n, P): the n observed frames, encoded once.
+        actions (B, S, n + t, A) or (B, n + t, A): the first n go with the observed frames (as in
+        DINO-WM), the next t are planned. Returns {"z": (B, S, n + t + 1, N', D'), "visual":
+        (B, S, n + t + 1, N, Dv), "proprio": (B, S, n + t + 1, Ep)}; the last t + 1 frames are predicted.
+        """
+        squeeze = actions.ndim == 3
+        if squeeze:
+            actions = actions[:, None]  # (B, 1, n+t, A)
+        B, S, L, A = actions.shape
+        n = visual.shape[1]
+        assert visual.shape[0] == B and proprio.shape[:2] == (B, n) and L >= n, (
+            f"rollout shapes disagree: visual {tuple(visual.shape)}, proprio {tuple(proprio.shape)}, "
+            f"actions {tuple(actions.shape)}"
+        )
+        # Embed the observed frames once per start state, then share them across the S candidates.
+        z_obs = self.embed(visual, proprio, torch.zeros(B, n, A, dtype=actions.dtype, device=actions.device))
+        z_obs = (
+            z_obs[:, None].expand(B, S, *z_obs.shape[1:]).reshape(B * S, *z_obs.shape[1:])
+        )  # (B*S, n, N', D')
+        flat_actions = actions.reshape(B * S, L, A)  # (B*S, n+t, A)
+        z = self.replace_actions(z_obs, flat_actions[:, :n])  # (B*S, n, N', D')
+        frames = [z]
+        history = z
+        for step in range(L - n):
+            z_next = self.predict(history[:, -self.cfg.num_hist :])[:, -1:]  # (B*S, 1, N', D')
+            z_next = self.replace_actions(z_next, flat_actions[:, n + step : n + step + 1])
+            frames.append(z_next)
+            history = torch.cat([history, z_next], dim=1)[:, -self.cfg.num_hist :]
+        frames.append(self.predict(history)[:, -1:])  # the frame after the last action
+        z_all = torch.cat(frames, dim=1)  # (B*S, n+t+1, N', D')
+        z_all = z_all.reshape(B, S, *z_all.shape[1:])  # (B, S, n+t+1, N', D')
+        out = {"z": z_all, **self.split(z_all)}
+        if squeeze:
+            out = {k: v[:, 0] for k, v in out.items()}
+        return out
