@@ -13,6 +13,15 @@ from wmlab.encoders.base import Encoder, EncoderInfo
 ENCODERS: dict[str, str] = {
     "pixels": "wmlab.encoders.pixels:make_pixels",
     "random_vit": "wmlab.encoders.random_vit:make_random_vit",
+    "dinov2_patch": "wmlab.encoders.dinov2:make_dinov2_patch",
+    "dinov2_cls": "wmlab.encoders.dinov2:make_dinov2_cls",
+    "dinov3_patch": "wmlab.encoders.dinov3:make_dinov3_patch",
+    "dinov3_cls": "wmlab.encoders.dinov3:make_dinov3_cls",
+    "vjepa2": "wmlab.encoders.vjepa2:make_vjepa2",
+    "dino_cls": "wmlab.encoders.dino_v1:make_dino_cls",
+    "dino_patch": "wmlab.encoders.dino_v1:make_dino_patch",
+    "resnet18": "wmlab.encoders.resnet:make_resnet18",
+    "r3m": "wmlab.encoders.resnet:make_r3m",
 }
 
 __all__ = ["ENCODERS", "Encoder", "EncoderInfo", "make_encoder"]
