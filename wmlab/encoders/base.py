@@ -36,9 +36,17 @@ class EncoderInfo:
     extra: dict = field(default_factory=dict)
 
     def cache_key(self) -> str:
-        """A key that changes whenever the tokens would: family, weights, input size, pooling."""
+        """A key that changes whenever the tokens would: family, weights, input size, pooling,
+        token shape, and the family's own options (``extra``, e.g. a patch size)."""
+        import hashlib
+        import json
+
         sha = (self.weights_sha256 or "noweights")[:12]
-        return f"{self.name}-{sha}-{self.input_size}px-pool{self.token_pool}"
+        key = f"{self.name}-{sha}-{self.input_size}px-pool{self.token_pool}-{self.num_tokens}x{self.dim}"
+        if self.extra:
+            options = json.dumps(self.extra, sort_keys=True, default=str).encode()
+            key += "-" + hashlib.sha256(options).hexdigest()[:8]
+        return key
 
 
 def to_float_images(images) -> torch.Tensor:
