@@ -124,6 +124,36 @@ def _info(cfg: DictConfig):
     print(json.dumps(summary, indent=1, default=str))
 
 
+@verb("encode", "encode", "encode every frame of a dataset once into the frozen-feature cache")
+def _encode(cfg: DictConfig):
+    from wmlab.data.feature_cache import encode_dataset
+
+    enc = OmegaConf.to_container(cfg.encoder, resolve=True)
+    name, weights, token_pool = enc.pop("name"), enc.pop("weights", None), enc.pop("token_pool", 1)
+    cache = encode_dataset(
+        cfg.data, name, encoder_kwargs=enc, weights=weights, token_pool=token_pool,
+        batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress, out=cfg.out,
+    )  # fmt: skip
+    info = cache.info
+    print(f"{len(cache)} episodes of {info.num_tokens} x {info.dim} tokens in {cache.path}")
+
+
+@verb("train", "train", "train the latent world model on a dataset over a frozen encoder (resumable)")
+def _train(cfg: DictConfig):
+    from wmlab.train import train
+
+    run_dir = train(OmegaConf.to_container(cfg, resolve=True))
+    print(f"run directory: {run_dir}")
+
+
+@verb("import-dino-wm", "import_dino_wm", "convert a DINO-WM run (hydra.yaml + checkpoints) to a wmlab run")
+def _import_dino_wm(cfg: DictConfig):
+    from wmlab.models.dino_wm_checkpoint import import_dino_wm
+
+    out = import_dino_wm(cfg.run, cfg.out, cfg.model_epoch)
+    print(f"imported {cfg.run} -> {out}")
+
+
 def compose(verb_name: str, overrides: list[str]) -> DictConfig:
     """The resolved config of ``verb_name`` with ``overrides`` (Hydra's compose API)."""
     from hydra import compose as hydra_compose

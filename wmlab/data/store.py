@@ -179,6 +179,7 @@ class TrajectoryStore:
             lengths[index] = int(length)
         self.arrays["lengths"][:] = lengths
         self._lengths = lengths
+        self._padded_cache = {}
 
     def update_metadata(self, **items) -> None:
         self._require_writable()
@@ -188,6 +189,7 @@ class TrajectoryStore:
     def refresh(self) -> None:
         """Re-read the commit index (another process may be writing)."""
         self._lengths = np.asarray(self.arrays["lengths"][:], dtype=np.int64)
+        self._padded_cache: dict[str, np.ndarray] = {}
 
     @property
     def metadata(self) -> dict:
@@ -255,12 +257,21 @@ class TrajectoryStore:
         }
 
     def all_actions(self) -> np.ndarray:
-        """float32 (E, T, A), padded; pair with ``lengths``. Small enough to hold in memory."""
-        return self.arrays["actions"][:]
+        """float32 (E, T, A), padded; pair with ``lengths``. Small enough to hold in memory.
+
+        Read once per commit-index version (one chunk per episode makes a full read ~1 ms/episode).
+        Callers must not modify the returned array.
+        """
+        return self._padded("actions")
 
     def all_states(self) -> np.ndarray:
-        """float32 (E, T, S), padded; pair with ``lengths``."""
-        return self.arrays["states"][:]
+        """float32 (E, T, S), padded; pair with ``lengths``. Callers must not modify it."""
+        return self._padded("states")
+
+    def _padded(self, name: str) -> np.ndarray:
+        if name not in self._padded_cache:
+            self._padded_cache[name] = np.asarray(self.arrays[name][:])
+        return self._padded_cache[name]
 
     def fingerprint(self) -> str:
         """A short hash of the committed content's shape and seeds (changes when episodes change)."""

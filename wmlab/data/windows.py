@@ -167,15 +167,18 @@ def make_datasets(
     split_seed: int = 42,
     source=None,
     drop_short: bool = False,
+    stats: NormalizationStats | None = None,
 ) -> tuple[WindowDataset, WindowDataset, NormalizationStats]:
-    """Split ``store``'s committed episodes, compute stats on the train split, build both datasets."""
+    """Split ``store``'s committed episodes, compute stats on the train split (unless ``stats`` are
+    given, e.g. a resumed run's), build both datasets."""
     train_ids, val_ids = split_episodes(store.committed, train_fraction, split_seed)
     if len(train_ids) == 0:
         raise DatasetError(f"{store.path} has {len(store)} complete episodes: too few to split")
     lengths = store.lengths
-    stats = NormalizationStats.compute(
-        store.all_actions()[train_ids], store.all_states()[train_ids], lengths[train_ids]
-    )
+    if stats is None:
+        stats = NormalizationStats.compute(
+            store.all_actions()[train_ids], store.all_states()[train_ids], lengths[train_ids]
+        )
     train = WindowDataset(store, train_ids, spec, stats, source, drop_short)
     val = WindowDataset(store, val_ids, spec, stats, source, drop_short) if len(val_ids) else None
     return train, val, stats

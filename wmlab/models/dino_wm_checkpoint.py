@@ -266,3 +266,66 @@ def convert_dino_wm_run(run_dir: str | Path, epoch: str | int = "latest") -> dic
         "encoder": hydra.get("encoder", {}),
         "frameskip": int(hydra.get("frameskip", 5)),
     }
+
+
+#: DINO-WM encoder settings -> our encoder config. DINO-WM resizes frames to (img_size // 16) * 14
+#: pixels (196 for 224 px frames) before DINOv2, so its 14-px patches give a 14x14 grid.
+def encoder_config_for(dino_wm_encoder: dict, img_size: int = 224) -> dict:
+    target = str(dino_wm_encoder.get("_target_", ""))
+    name = str(dino_wm_encoder.get("name", ""))
+    if "DinoV2Encoder" in target or name.startswith("dinov2"):
+        size = {"s": "small", "b": "base", "l": "large", "g": "giant"}[name.removeprefix("dinov2_vit")[0]]
+        cls = dino_wm_encoder.get("feature_key") == "x_norm_clstoken"
+        return {
+            "name": "dinov2_cls" if cls else "dinov2_patch",
+            "size": size,
+            "registers": name.endswith("_reg"),
+            "input_size": (img_size // 16) * 14,
+            "weights": None,
+            "token_pool": 1,
+        }
+    if "resnet" in target.lower() or name.startswith("resnet"):
+        return {"name": "resnet18", "output": "pooled", "weights": None, "token_pool": 1}
+    if "r3m" in target.lower() or name.startswith("r3m"):
+        return {"name": "r3m", "weights": None, "token_pool": 1}
+    raise DatasetError(f"DINO-WM encoder {dino_wm_encoder} has no wmlab equivalent yet")
+
+
+def import_dino_wm(run_dir: str | Path, out: str | Path | None = None, epoch: str | int = "latest") -> Path:
+    """Convert a DINO-WM run into a wmlab run directory (safetensors, YAML, JSON; no pickles)."""
+    from wmlab.runs import atomic_save_tensors, versions, write_config, write_json
+
+    run_dir = Path(run_dir)
+    converted = convert_dino_wm_run(run_dir, epoch)
+    out = Path(out) if out else Path("outputs") / "imported" / run_dir.name
+    out.mkdir(parents=True, exist_ok=True)
+    hydra = converted["hydra"]
+    img_size = int(hydra.get("img_size", 224))
+    config = {
+        "source": "dino_wm",
+        "source_run": str(run_dir),
+        "env": {"name": hydra.get("env", {}).get("name", "point_maze"), "img_size": img_size},
+        "encoder": encoder_config_for(converted["encoder"], img_size),
+        "frameskip": converted["frameskip"],
+        "num_hist": converted["config"].num_hist,
+        "concat_dim": converted["config"].concat_dim,
+        # DINO-WM does not store normalization statistics: they come from its dataset, computed
+        # over all trajectories. `wmlab plan` recomputes them that way from data=<dataset>.
+        "normalization": "dino_wm_all_data",
+    }
+    atomic_save_tensors(converted["state"], out / "model.safetensors", {"epoch": converted["epoch"]})
+    if converted["decoder_state"] is not None:
+        atomic_save_tensors(converted["decoder_state"], out / "decoder.safetensors")
+    write_config(out / "config.yaml", config)
+    write_json(
+        out / "metadata.json",
+        {
+            "model": converted["config"].to_dict(),
+            "decoder": converted["decoder_config"].__dict__ if converted["decoder_config"] else None,
+            "epoch": converted["epoch"],
+            "encoder": config["encoder"],
+            "versions": versions(),
+            "source": {"run": str(run_dir), "epoch": str(epoch), "hydra": hydra},
+        },
+    )
+    return out

@@ -31,6 +31,9 @@ class WorldModelConfig:
     num_hist: int = 3
     num_pred: int = 1
     concat_dim: int = 1
+    #: False = DINO-WM (predict the next latent). True = predict the change from the current
+    #: latent, starting as the copy-last-frame model; helps tokens that barely move (raw pixels).
+    predict_delta: bool = False
     predictor: dict = field(default_factory=dict)  # PredictorConfig fields except the derived ones
 
     def predictor_config(self) -> PredictorConfig:
@@ -67,6 +70,10 @@ class LatentWorldModel(nn.Module):
         self.action_encoder = nn.Linear(cfg.action_dim, cfg.action_emb_dim)
         self.proprio_encoder = nn.Linear(cfg.proprio_dim, cfg.proprio_emb_dim)
         self.predictor = BlockCausalPredictor(cfg.predictor_config())
+        if cfg.predict_delta:
+            # Start exactly at "the next frame equals this one"; training learns the change.
+            nn.init.zeros_(self.predictor.norm.weight)
+            nn.init.zeros_(self.predictor.norm.bias)
 
     # ------------------------------------------------------------------ token layout
     def embed(self, visual: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -109,7 +116,8 @@ class LatentWorldModel(nn.Module):
     # ------------------------------------------------------------------ prediction
     def predict(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, T, N', D') with T <= num_hist -> next-frame predictions (B, T, N', D')."""
-        return self.predictor(z)
+        out = self.predictor(z)
+        return z + out if self.cfg.predict_delta else out
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Teacher-forced loss on a window batch: visual (B, H+1, N, Dv) tokens, proprio (B, H+1, P),
@@ -127,6 +135,10 @@ class LatentWorldModel(nn.Module):
                 "z_proprio_loss": F.mse_loss(p["proprio"], t["proprio"]),
             }
         return loss, parts
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The training loss (so DDP, which syncs gradients through forward, can wrap the model)."""
+        return self.loss(batch)
 
     def rollout(self, visual: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor) -> dict:
         """Autoregressive rollout of S candidate action sequences from each of B start histories.

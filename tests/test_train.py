@@ -1,0 +1,122 @@
+"""Training: run directory contents, rebuild from it, resume after a kill, NaN stops with a message."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from wmlab.cli import compose
+from wmlab.data.store import TrajectoryStore
+from wmlab.train import TrainingError, load_run, train
+
+TINY = [
+    "encoder=pixels",
+    "encoder.input_size=32",
+    "encoder.patch_size=8",
+    "predictor.depth=1",
+    "predictor.heads=2",
+    "predictor.dim_head=8",
+    "predictor.mlp_dim=32",
+    "frameskip=2",
+    "num_hist=2",
+    "training.batch_size=8",
+    "training.max_steps_per_epoch=4",
+    "training.val_batches=2",
+    "training.rollout_eval_steps=3",
+    "progress=false",
+    "device=cpu",
+]
+
+
+def tiny_cfg(store, run_dir, *extra) -> dict:
+    overrides = [*TINY, f"data={store.path}", f"run_dir={run_dir}", *extra]
+    return OmegaConf.to_container(compose("train", overrides), resolve=True)
+
+
+def test_train_writes_a_run_that_rebuilds_itself(tiny_store, tmp_path):
+    run_dir = train(tiny_cfg(tiny_store, tmp_path / "run", "training.epochs=2"))
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "normalization.json",
+        "metadata.json",
+        "checkpoint/state.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.rglob("*.partial"))
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    assert {"val_z_visual_loss", "val_copy_last_visual_loss", "rollout_nmse_3"} <= set(meta["history"][-1])
+    assert meta["encoder"]["name"] == "pixels" and meta["dataset"]["fingerprint"] == tiny_store.fingerprint()
+    assert list((run_dir / "tb").iterdir()), "TensorBoard events must be written"
+    model, cfg = load_run(run_dir)
+    assert cfg["num_hist"] == 2
+    B, N, D = 3, model.cfg.num_visual_tokens, model.cfg.visual_dim
+    out = model.rollout(
+        torch.randn(B, 2, N, D), torch.randn(B, 2, 4), torch.randn(B, 6, 4, 4)
+    )  # (B, S, n+t, A)
+    assert out["visual"].shape == (B, 6, 2 + 2 + 1, N, D)
+
+
+def test_resume_continues_from_the_last_epoch(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_store, run, "training.epochs=1"))
+    first = json.loads((run / "checkpoint" / "state.json").read_text())
+    train(tiny_cfg(tiny_store, run, "training.epochs=3"))
+    meta = json.loads((run / "metadata.json").read_text())
+    assert first["epoch"] == 1 and [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+    with pytest.raises(TrainingError, match="different model"):
+        train(tiny_cfg(tiny_store, run, "training.epochs=4", "predictor.depth=2"))
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tiny_store, tmp_path):
+    data = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store.path, data)
+    store = TrajectoryStore(data)
+    run = tmp_path / "run"
+    train(tiny_cfg(store, run, "training.epochs=1"))
+    actions = TrajectoryStore(data, mode="a").arrays["actions"]
+    actions[:] = np.full(actions.shape, np.nan, np.float32)  # corrupt data after a good epoch
+    with pytest.raises(
+        TrainingError, match=r"epoch 2, step 1 .*Last good checkpoint: .*checkpoint \(epoch 1\)"
+    ):
+        train(tiny_cfg(store, run, "training.epochs=2"))
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_and_finishes(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    args = [
+        *TINY,
+        f"data={tiny_store.path}",
+        f"run_dir={run}",
+        "training.epochs=4",
+        "training.max_steps_per_epoch=20",
+    ]
+    command = [sys.executable, "-m", "wmlab.cli", "train", *args]
+    process = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    state = run / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # mid-way through a later epoch
+    process.wait()
+    done = json.loads(state.read_text())["epoch"]
+    assert 1 <= done < 4
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    meta = json.loads((run / "metadata.json").read_text())
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4]
