@@ -120,3 +120,21 @@ def test_killed_training_resumes_and_finishes(tiny_store, tmp_path):
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     meta = json.loads((run / "metadata.json").read_text())
     assert [h["epoch"] for h in meta["history"]] == [1, 2, 3, 4]
+
+
+def test_decoder_is_its_own_resumable_stage(tiny_store, tmp_path):
+    from wmlab.train_decoder import load_decoder, train_decoder
+
+    run = train(tiny_cfg(tiny_store, tmp_path / "run", "training.epochs=1"))
+    small = dict(
+        batch_size=4, channel=8, n_res_block=1, n_res_channel=4, save_every=3, progress=False, device="cpu"
+    )
+    train_decoder(run, steps=6, **small)
+    first = json.loads((run / "decoder.json").read_text())
+    train_decoder(run, steps=9, **small)
+    state = json.loads((run / "decoder.json").read_text())
+    assert [h["step"] for h in state["history"]] == [3, 6, 9] and first["step"] == 6
+    decoder = load_decoder(run)
+    model, _ = load_run(run)
+    tokens = torch.randn(2, model.cfg.num_visual_tokens, model.cfg.visual_dim)
+    assert decoder(tokens).shape == (2, 3, 16 * 4, 16 * 4)  # a 4x4 grid decodes to 64 px

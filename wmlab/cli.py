@@ -146,6 +146,15 @@ def _train(cfg: DictConfig):
     print(f"run directory: {run_dir}")
 
 
+@verb("train-decoder", "train_decoder", "train a run's optional pixel decoder on frozen tokens (own stage)")
+def _train_decoder(cfg: DictConfig):
+    from wmlab.train_decoder import train_decoder
+
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    path = train_decoder(kwargs.pop("run_dir"), **kwargs)
+    print(f"decoder: {path}")
+
+
 @verb("import-dino-wm", "import_dino_wm", "convert a DINO-WM run (hydra.yaml + checkpoints) to a wmlab run")
 def _import_dino_wm(cfg: DictConfig):
     from wmlab.models.dino_wm_checkpoint import import_dino_wm

@@ -1,0 +1,156 @@
+"""Train the optional pixel decoder of a run, on frozen visual tokens, as a stage of its own.
+
+DINO-WM trains its VQ-VAE decoder jointly with the predictor; measured on CPU that decoder is
+about 70% of each training step, although it never feeds gradients into the predictor (it sees
+detached latents). So here it is a separate, optional stage on the same tokens (cached when the
+run's feature cache exists), and the world model trains without paying for it.
+
+The decoder upsamples the token grid 16x (14x14 -> 224 px for DINOv2 at 196 px); target frames
+are resized to that size and scaled to [-1, 1] as DINO-WM does.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from wmlab.data.store import TrajectoryStore
+from wmlab.data.windows import split_episodes
+from wmlab.models.decoder import DecoderConfig, LatentDecoder
+from wmlab.runs import (
+    atomic_save_tensors,
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_config,
+    read_json,
+    write_json,
+)
+from wmlab.train import build_encoder, find_feature_cache, resolve_device
+
+
+def _frames_to_targets(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, size, size) in [-1, 1]."""
+    x = frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def train_decoder(
+    run_dir: str | Path,
+    steps: int = 2000,
+    batch_size: int = 32,
+    lr: float = 3e-4,
+    channel: int = 128,
+    n_res_block: int = 2,
+    n_res_channel: int = 32,
+    save_every: int = 200,
+    device: str = "auto",
+    progress: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Train ``<run>/decoder.safetensors`` from the run's encoder tokens; resumes from the last save.
+
+    Returns the path of the decoder weights. Metrics (reconstruction MSE on held-out frames) go to
+    ``<run>/decoder.json``.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir / "config.yaml")
+    dev = resolve_device(device)
+    store = TrajectoryStore(cfg["data"])
+    encoder = build_encoder(dict(cfg["encoder"]), dev)
+    if encoder.info.grid is None:
+        raise ValueError(f"encoder {encoder.info.name} has no patch grid; the pixel decoder needs one")
+    cache = find_feature_cache(store, encoder)
+    h, w = encoder.info.grid
+    if h != w:
+        raise ValueError(f"the decoder needs a square token grid, encoder {encoder.info.name} has {h}x{w}")
+    size = 16 * h
+    dcfg = DecoderConfig(latent_dim=encoder.info.dim, channel=channel, n_res_block=n_res_block,
+                         n_res_channel=n_res_channel)  # fmt: skip
+    decoder = LatentDecoder(dcfg).to(dev)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
+    train_ids, val_ids = split_episodes(store.committed, float(cfg["split_ratio"]), int(cfg["split_seed"]))
+    lengths = store.lengths
+    rng = np.random.default_rng(seed)
+    state_path = run_dir / "decoder.json"
+    step = 0
+    if state_path.exists() and (run_dir / "decoder_checkpoint.safetensors").exists():
+        state = read_json(state_path)
+        if state["config"] != dcfg.__dict__:
+            raise ValueError(
+                f"{run_dir} has a decoder with another config {state['config']}; delete decoder.* to restart"
+            )
+        tensors = load_tensors(run_dir / "decoder_checkpoint.safetensors")
+        decoder.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_tensors = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
+        optimizer_from_tensors(optimizer, opt_tensors, state["optimizer"])
+        step = int(state["step"])
+        rng = np.random.default_rng([seed, step])
+
+    def sample(ids: np.ndarray, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        episodes = generator.choice(ids, size=n)
+        times = (generator.random(n) * lengths[episodes]).astype(int)
+        frames = np.stack(
+            [store.frames(int(e), [int(t)])[0] for e, t in zip(episodes, times)]
+        )  # (n, H, W, 3)
+        if cache is not None:
+            tokens = np.stack([cache.read(int(e), np.array([t]))[0] for e, t in zip(episodes, times)])
+            tokens = torch.as_tensor(tokens).float().to(dev)  # (n, N, D)
+        else:
+            with torch.no_grad():
+                tokens = encoder.encode(torch.as_tensor(frames).to(dev)).float()  # (n, N, D)
+        return tokens, _frames_to_targets(torch.as_tensor(frames).to(dev), size)
+
+    from tqdm.auto import tqdm
+
+    val_rng = np.random.default_rng(12345)
+    val_batch = sample(val_ids if len(val_ids) else train_ids, min(64, 4 * batch_size), val_rng)
+    history = read_json(state_path).get("history", []) if state_path.exists() else []
+    bar = tqdm(total=steps, initial=step, desc="decoder", disable=not progress)
+    started = time.perf_counter()
+    while step < steps:
+        decoder.train()
+        tokens, targets = sample(train_ids, batch_size, rng)
+        loss = F.mse_loss(decoder(tokens), targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"decoder loss became {loss.item()} at step {step + 1}; lower lr and re-run"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % save_every == 0 or step == steps:
+            decoder.eval()
+            with torch.no_grad():
+                val_mse = F.mse_loss(decoder(val_batch[0]), val_batch[1]).item()
+            history.append({"step": step, "train_mse": loss.item(), "val_mse": val_mse})
+            opt_tensors, opt_extra = optimizer_to_tensors(optimizer)
+            checkpoint = {f"model.{k}": v for k, v in decoder.state_dict().items()}
+            checkpoint.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+            atomic_save_tensors(checkpoint, run_dir / "decoder_checkpoint.safetensors")
+            atomic_save_tensors(decoder.state_dict(), run_dir / "decoder.safetensors")
+            # Written last: the checkpoint above counts only once this names its step.
+            write_json(state_path, {
+                "config": dcfg.__dict__, "step": step, "output_size": size, "history": history,
+                "seconds": time.perf_counter() - started, "optimizer": opt_extra,
+            })  # fmt: skip
+    bar.close()
+    return run_dir / "decoder.safetensors"
+
+
+def load_decoder(run_dir: str | Path, device="cpu") -> LatentDecoder:
+    """The run's trained decoder (eval mode)."""
+    run_dir = Path(run_dir)
+    state = read_json(run_dir / "decoder.json")
+    decoder = LatentDecoder(DecoderConfig(**state["config"]))
+    decoder.load_state_dict(load_tensors(run_dir / "decoder.safetensors"))
+    return decoder.to(device).eval()
