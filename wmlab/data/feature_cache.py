@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import threading
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from wmlab.data.errors import DatasetError
+from wmlab.data.shards import EpisodeShards
 from wmlab.data.store import jsonable
 
 FORMAT_NAME = "wmlab-features"
@@ -131,7 +131,7 @@ class FeatureCache:
                 f"feature cache {self.path}: tokens have shape {tuple(self.tokens.shape)} but the encoder "
                 f"info says ({self.info.num_tokens}, {self.info.dim}) per frame; delete it and encode again"
             )
-        self._shards = _TokenShards(self.path / "tokens", self.tokens)
+        self._shards = EpisodeShards(self.path / "tokens", self.tokens, what="token", redo="re-encode")
         self._commit_lock = threading.Lock()
         self.refresh()
 
@@ -548,131 +548,3 @@ def _open_or_create(path: Path, store, info, precision: str) -> FeatureCache:
     cache = FeatureCache(path, mode="a")
     cache.check_matches(store, info)
     return cache
-
-
-# ---------------------------------------------------------------------------------------- fast path
-class _TokenShards:
-    """Read and write an episode's tokens as one Zarr shard file directly, with numcodecs.
-
-    The same ``sharding_indexed`` layout as the store's frames (``wmlab.data.store._FrameShards``):
-    the frames' Blosc chunks back to back, then (offset, nbytes) uint64 pairs per frame (2**64 - 1 =
-    empty) and their CRC32C. A window then costs one ``pread`` and one decode per frame, not Zarr's
-    ~1 ms per chunk nor decoding the whole episode. Any other layout falls back to Zarr's API;
-    tests check both paths read and write the same bytes.
-    """
-
-    EMPTY = np.uint64(2**64 - 1)
-    INDEX_CACHE = 4096  # episodes whose shard index stays in memory (16 bytes per frame each)
-
-    def __init__(self, array_dir: Path, array) -> None:
-        self.array = array
-        self.array_dir = array_dir
-        self.max_len = int(array.shape[1])
-        self.item_shape = tuple(int(v) for v in array.shape[2:])
-        self.dtype = np.dtype(array.dtype)
-        self.fill_value = array.fill_value
-        self.codec = None
-        self._index_cache: dict[int, np.ndarray] = {}
-        try:
-            meta = json.loads((array_dir / "zarr.json").read_text())
-            self.separator = meta["chunk_key_encoding"]["configuration"]["separator"]
-            (sharding,) = meta["codecs"]
-            config = sharding["configuration"]
-            inner = config["codecs"]
-            fast = (
-                sharding["name"] == "sharding_indexed"
-                and meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, self.max_len, *self.item_shape]
-                and config["chunk_shape"] == [1, 1, *self.item_shape]
-                and [c["name"] for c in inner] == ["bytes", "blosc"]
-                and inner[0].get("configuration", {}).get("endian", "little") == "little"
-                and [c["name"] for c in config["index_codecs"]] == ["bytes", "crc32c"]
-                and config["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                and config.get("index_location", "end") == "end"
-                and meta["data_type"] == "float16"
-            )
-            if fast:
-                import numcodecs
-
-                blosc = inner[1]["configuration"]
-                shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc["shuffle"]]
-                self.codec = numcodecs.Blosc(cname=blosc["cname"], clevel=blosc["clevel"], shuffle=shuffle)
-        except (OSError, KeyError, ValueError, TypeError):
-            self.codec = None
-
-    def shard_path(self, episode: int) -> str:
-        sep, zeros = self.separator, self.separator.join("0" * (len(self.item_shape) + 1))
-        return f"{self.array_dir}/c{sep}{int(episode)}{sep}{zeros}"
-
-    def write(self, episode: int, items: np.ndarray) -> None:
-        """Write items (L, *item_shape) as episode ``episode``'s shard, atomically."""
-        import google_crc32c
-
-        self._index_cache.pop(int(episode), None)
-        if self.codec is None:
-            self.array[episode, : len(items)] = items
-            return
-        items = np.ascontiguousarray(items, dtype="<f2")
-        # Each chunk is an (N, D) fp16 array, so Blosc shuffles with typesize 2.
-        chunks = [self.codec.encode(item) for item in items]
-        index = np.full((self.max_len, 2), self.EMPTY, dtype="<u8")  # (T, [offset, nbytes])
-        sizes = np.array([len(c) for c in chunks], dtype=np.uint64)
-        index[: len(chunks), 1] = sizes
-        index[: len(chunks), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
-        index_bytes = index.tobytes()
-        checksum = google_crc32c.value(index_bytes).to_bytes(4, "little")
-        tmp = f"{self.array_dir}/.c{int(episode)}.partial"
-        with open(tmp, "wb") as f:
-            f.write(b"".join([*chunks, index_bytes, checksum]))
-        os.replace(tmp, self.shard_path(episode))
-
-    def _index(self, episode: int, fd: int, path: str) -> np.ndarray:
-        """(T, 2) uint64 [offset, nbytes] of a shard, checked against its CRC32C."""
-        cached = self._index_cache.get(episode)
-        if cached is not None:
-            return cached
-        import google_crc32c
-
-        size = os.fstat(fd).st_size
-        n_index = self.max_len * 16 + 4
-        if size < n_index:
-            raise DatasetError(f"token shard {path} is truncated ({size} bytes); re-encode episode {episode}")
-        tail = os.pread(fd, n_index, size - n_index)
-        if google_crc32c.value(tail[:-4]).to_bytes(4, "little") != tail[-4:]:
-            raise DatasetError(f"token shard {path} is corrupt (index checksum); re-encode episode {episode}")
-        index = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.max_len, 2)
-        if len(self._index_cache) >= self.INDEX_CACHE:
-            self._index_cache.pop(next(iter(self._index_cache)))
-        self._index_cache[episode] = index
-        return index
-
-    def read(self, episode: int, times: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Items (len(times), *item_shape), decoded into ``out`` when given (no extra copy)."""
-        if out is None:
-            out = np.empty((len(times), *self.item_shape), dtype=self.dtype)
-        if self.codec is None:
-            out[:] = self.array.oindex[episode, times]
-            return out
-        path = self.shard_path(episode)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            out[:] = self.fill_value  # Zarr semantics: an unwritten shard holds the fill value
-            return out
-        try:
-            index = self._index(int(episode), fd, path)
-            for k, t in enumerate(times):
-                offset, nbytes = index[t]
-                if offset == self.EMPTY:
-                    out[k] = self.fill_value
-                    continue
-                raw = os.pread(fd, int(nbytes), int(offset))
-                try:
-                    self.codec.decode(raw, out=out[k])
-                except Exception as err:
-                    raise DatasetError(
-                        f"frame {t} in token shard {path} is corrupt or truncated ({err}); "
-                        f"re-encode episode {episode}"
-                    ) from err
-        finally:
-            os.close(fd)
-        return out

@@ -24,13 +24,13 @@ directly (the Zarr API costs ~1 ms per frame; a window needs 4), checked against
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from wmlab.data.errors import DatasetError
+from wmlab.data.shards import EpisodeShards
 
 REQUIRED_ARRAYS = ("frames", "actions", "states", "seeds", "lengths")
 FORMAT_NAME = "wmlab-trajectories"
@@ -94,7 +94,9 @@ class TrajectoryStore:
         self.arrays = {name: self.group[name] for name in REQUIRED_ARRAYS}
         self.mode = mode
         self._validate_shapes()
-        self._frame_files = _FrameShards(self.path / "frames", self.arrays["frames"])
+        self._frame_files = EpisodeShards(
+            self.path / "frames", self.arrays["frames"], what="frame", redo="re-collect"
+        )
         self.refresh()
 
     # ------------------------------------------------------------------ creation
@@ -303,138 +305,6 @@ class TrajectoryStore:
                     f"dataset {self.path}: '{name}' holds {self.arrays[name].shape[1]} steps per episode "
                     f"but 'frames' holds {T}. The dataset is corrupt: collect it again."
                 )
-
-
-class _FrameShards:
-    """Read and write an episode's frames as one Zarr shard file, directly (else via Zarr's API).
-
-    A shard is the spec's ``sharding_indexed`` layout: the Blosc-compressed frames one after the
-    other, then an index of (offset, nbytes) uint64 pairs per frame (2**64 - 1 = empty) and the
-    index's CRC32C. One file per episode keeps disk use near the compressed size (a file per frame
-    costs a 4 KiB block each, more than a compressed 64 px frame) and still reads any single frame
-    with one ``pread``. The fast path is valid only for this store's own layout; tests check that
-    Zarr and it read and write the same bytes. Zarr's API costs ~1 ms per frame: more than
-    rendering a 64 px frame, and 4x that for a training window.
-    """
-
-    EMPTY = np.uint64(2**64 - 1)
-    INDEX_CACHE = 4096  # episodes whose shard index stays in memory (16 bytes per frame each)
-
-    def __init__(self, array_dir: Path, array) -> None:
-        self.array = array
-        self.array_dir = array_dir
-        self.max_len = int(array.shape[1])
-        self.frame_shape = tuple(array.shape[2:])
-        self.fill_value = array.fill_value
-        self.codec = None
-        self._index_cache: dict[int, np.ndarray] = {}
-        try:
-            meta = json.loads((array_dir / "zarr.json").read_text())
-            self.separator = meta["chunk_key_encoding"]["configuration"]["separator"]
-            (sharding,) = meta["codecs"]
-            config = sharding["configuration"]
-            inner = config["codecs"]
-            fast = (
-                sharding["name"] == "sharding_indexed"
-                and meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, self.max_len, *self.frame_shape]
-                and config["chunk_shape"] == [1, 1, *self.frame_shape]
-                and [c["name"] for c in inner] == ["bytes", "blosc"]
-                and [c["name"] for c in config["index_codecs"]] == ["bytes", "crc32c"]
-                and config["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                and config.get("index_location", "end") == "end"
-                and meta["data_type"] == "uint8"
-            )
-            if fast:
-                import numcodecs
-
-                blosc = inner[1]["configuration"]
-                shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc["shuffle"]]
-                self.codec = numcodecs.Blosc(cname=blosc["cname"], clevel=blosc["clevel"], shuffle=shuffle)
-        except (OSError, KeyError, ValueError, TypeError):
-            self.codec = None
-
-    def shard_path(self, episode: int) -> str:
-        # Plain string formatting: pathlib costs more than decoding a frame on this hot path.
-        sep = self.separator
-        return f"{self.array_dir}/c{sep}{int(episode)}{sep}0{sep}0{sep}0{sep}0"
-
-    def write(self, episode: int, frames: np.ndarray) -> None:
-        """Write frames (L, H, W, 3) uint8 as episode ``episode``'s shard, atomically."""
-        import google_crc32c
-
-        self._index_cache.pop(int(episode), None)
-        if self.codec is None:
-            self.array[episode, : len(frames)] = frames
-            return
-        chunks = [self.codec.encode(np.ascontiguousarray(frame)) for frame in frames]
-        index = np.full((self.max_len, 2), self.EMPTY, dtype="<u8")  # (T, [offset, nbytes])
-        sizes = np.array([len(c) for c in chunks], dtype=np.uint64)
-        index[: len(chunks), 1] = sizes
-        index[: len(chunks), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
-        index_bytes = index.tobytes()
-        checksum = google_crc32c.value(index_bytes).to_bytes(4, "little")
-        # One writer per slot at a time, so a per-slot temp name is safe and a killed writer's
-        # leftover is simply overwritten when the slot is redone.
-        tmp = f"{self.array_dir}/.c{int(episode)}.partial"
-        with open(tmp, "wb") as f:
-            f.write(b"".join([*chunks, index_bytes, checksum]))
-        os.replace(tmp, self.shard_path(episode))
-
-    def _index(self, episode: int, fd: int, path: str) -> np.ndarray:
-        """(T, 2) uint64 [offset, nbytes] of a shard, checked against its CRC32C."""
-        cached = self._index_cache.get(episode)
-        if cached is not None:
-            return cached
-        import google_crc32c
-
-        size = os.fstat(fd).st_size
-        n_index = self.max_len * 16 + 4
-        if size < n_index:
-            raise DatasetError(
-                f"frame shard {path} is truncated ({size} bytes); re-collect episode {episode}"
-            )
-        tail = os.pread(fd, n_index, size - n_index)
-        if google_crc32c.value(tail[:-4]).to_bytes(4, "little") != tail[-4:]:
-            raise DatasetError(
-                f"frame shard {path} is corrupt (index checksum); re-collect episode {episode}"
-            )
-        index = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.max_len, 2)
-        if len(self._index_cache) >= self.INDEX_CACHE:
-            self._index_cache.pop(next(iter(self._index_cache)))
-        self._index_cache[episode] = index
-        return index
-
-    def read(self, episode: int, times: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Frames uint8 (len(times), H, W, 3), decoded into ``out`` when given (no extra copy)."""
-        if out is None:
-            out = np.empty((len(times), *self.frame_shape), dtype=np.uint8)
-        if self.codec is None:
-            out[:] = self.array.oindex[episode, times]
-            return out
-        path = self.shard_path(episode)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            out[:] = self.fill_value  # Zarr semantics: an unwritten shard holds the fill value
-            return out
-        try:
-            index = self._index(int(episode), fd, path)
-            for k, t in enumerate(times):
-                offset, nbytes = index[t]
-                if offset == self.EMPTY:
-                    out[k] = self.fill_value
-                    continue
-                raw = os.pread(fd, int(nbytes), int(offset))
-                try:
-                    self.codec.decode(raw, out=out[k])
-                except Exception as err:
-                    raise DatasetError(
-                        f"frame {t} in shard {path} is corrupt or truncated ({err}); "
-                        f"re-collect episode {episode}"
-                    ) from err
-        finally:
-            os.close(fd)
-        return out
 
 
 def jsonable(value):
