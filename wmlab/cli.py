@@ -138,6 +138,19 @@ def _encode(cfg: DictConfig):
     print(f"{len(cache)} episodes of {info.num_tokens} x {info.dim} tokens in {cache.path}")
 
 
+@verb(
+    "train-tokenizer",
+    "train_tokenizer",
+    "train the DINO-Tok reimplementation's projection + decoder in-domain",
+)
+def _train_tokenizer(cfg: DictConfig):
+    from wmlab.encoders.dino_tok import train_tokenizer
+
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    out = train_tokenizer(kwargs.pop("data"), kwargs.pop("out"), **kwargs)
+    print(f"tokenizer: {out} (use encoder=dino_tok encoder.weights={out})")
+
+
 @verb("train", "train", "train the latent world model on a dataset over a frozen encoder (resumable)")
 def _train(cfg: DictConfig):
     from wmlab.train import train

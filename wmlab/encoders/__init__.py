@@ -22,6 +22,8 @@ ENCODERS: dict[str, str] = {
     "dino_patch": "wmlab.encoders.dino_v1:make_dino_patch",
     "resnet18": "wmlab.encoders.resnet:make_resnet18",
     "r3m": "wmlab.encoders.resnet:make_r3m",
+    "vfm_vae": "wmlab.encoders.vfm_vae:make_vfm_vae",
+    "dino_tok": "wmlab.encoders.dino_tok:make_dino_tok",
 }
 
 __all__ = ["ENCODERS", "Encoder", "EncoderInfo", "make_encoder"]
