@@ -95,6 +95,28 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict, extr
     optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
 
 
+def save_training_checkpoint(
+    path: Path, module: torch.nn.Module, optimizer, metadata: dict | None = None
+) -> dict:
+    """Module weights and optimizer tensors in one safetensors file (``model.*``, ``opt.*``).
+
+    Returns the optimizer's non-tensor state: store it in the run's JSON, written after this file.
+    """
+    opt_tensors, opt_extra = optimizer_to_tensors(optimizer)
+    tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
+    tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+    atomic_save_tensors(tensors, path, metadata)
+    return opt_extra
+
+
+def load_training_checkpoint(path: Path, module: torch.nn.Module, optimizer, opt_extra: dict) -> None:
+    """Restore what ``save_training_checkpoint`` wrote (``opt_extra`` from the run's JSON)."""
+    tensors = load_tensors(path)
+    module.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_tensors = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
+    optimizer_from_tensors(optimizer, opt_tensors, opt_extra)
+
+
 def versions() -> dict:
     import numpy
 

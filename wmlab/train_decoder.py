@@ -24,10 +24,10 @@ from wmlab.models.decoder import DecoderConfig, LatentDecoder
 from wmlab.runs import (
     atomic_save_tensors,
     load_tensors,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
+    load_training_checkpoint,
     read_config,
     read_json,
+    save_training_checkpoint,
     write_json,
 )
 from wmlab.train import build_encoder, find_feature_cache, resolve_device
@@ -86,10 +86,9 @@ def train_decoder(
             raise ValueError(
                 f"{run_dir} has a decoder with another config {state['config']}; delete decoder.* to restart"
             )
-        tensors = load_tensors(run_dir / "decoder_checkpoint.safetensors")
-        decoder.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-        opt_tensors = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
-        optimizer_from_tensors(optimizer, opt_tensors, state["optimizer"])
+        load_training_checkpoint(
+            run_dir / "decoder_checkpoint.safetensors", decoder, optimizer, state["optimizer"]
+        )
         step = int(state["step"])
         rng = np.random.default_rng([seed, step])
 
@@ -133,10 +132,9 @@ def train_decoder(
             with torch.no_grad():
                 val_mse = F.mse_loss(decoder(val_batch[0]), val_batch[1]).item()
             history.append({"step": step, "train_mse": loss.item(), "val_mse": val_mse})
-            opt_tensors, opt_extra = optimizer_to_tensors(optimizer)
-            checkpoint = {f"model.{k}": v for k, v in decoder.state_dict().items()}
-            checkpoint.update({f"opt.{k}": v for k, v in opt_tensors.items()})
-            atomic_save_tensors(checkpoint, run_dir / "decoder_checkpoint.safetensors")
+            opt_extra = save_training_checkpoint(
+                run_dir / "decoder_checkpoint.safetensors", decoder, optimizer
+            )
             atomic_save_tensors(decoder.state_dict(), run_dir / "decoder.safetensors")
             # Written last: the checkpoint above counts only once this names its step.
             write_json(state_path, {

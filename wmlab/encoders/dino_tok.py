@@ -309,10 +309,9 @@ def train_tokenizer(
     from wmlab.data.windows import split_episodes
     from wmlab.runs import (
         atomic_save_tensors,
-        load_tensors,
-        optimizer_from_tensors,
-        optimizer_to_tensors,
+        load_training_checkpoint,
         read_json,
+        save_training_checkpoint,
         versions,
         write_json,
     )
@@ -377,13 +376,7 @@ def train_tokenizer(
             )
         if meta["dinov2"]["sha256"] != dino_meta["sha256"]:
             raise ValueError(f"{out} was trained on other DINOv2 weights ({meta['dinov2']['weights']})")
-        tensors = load_tensors(ckpt_path)
-        head.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer_from_tensors(
-            optimizer,
-            {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")},
-            meta["optimizer"],
-        )
+        load_training_checkpoint(ckpt_path, head, optimizer, meta["optimizer"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         from safetensors import safe_open
@@ -421,10 +414,7 @@ def train_tokenizer(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % save_every == 0 or step == steps:
             history.append({"step": step, "train_mse": loss.item(), "val_mse": validate()})
-            opt_tensors, opt_extra = optimizer_to_tensors(optimizer)
-            checkpoint = {f"model.{k}": v for k, v in head.state_dict().items()}
-            checkpoint.update({f"opt.{k}": v for k, v in opt_tensors.items()})
-            atomic_save_tensors(checkpoint, ckpt_path, metadata={"step": step})
+            opt_extra = save_training_checkpoint(ckpt_path, head, optimizer, metadata={"step": step})
             atomic_save_tensors(
                 head.state_dict(), out / WEIGHTS_FILE, metadata={"step": step, "format": FORMAT}
             )
