@@ -13,6 +13,7 @@ can be overridden so ``wmlab check-render`` can fit them to a dataset rendered e
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -116,6 +117,9 @@ class RenderSpec:
     #: to top-down. Set True to reproduce bottom-up frames if a dataset was stored that way.
     flip_vertical: bool = False
     camera: CameraSpec = field(default_factory=CameraSpec)
+    #: Radius of the drawn agent disc (the ``particle_site``; visual only, physics unchanged).
+    #: 0.2 is D4RL's; at 64 px that is a 3 px dot, so the CPU demo draws it larger.
+    agent_radius: float = 0.2
 
 
 class PointMazeEnv(gym.Env):
@@ -138,6 +142,7 @@ class PointMazeEnv(gym.Env):
         antialias: bool = False,
         flip_vertical: bool = False,
         camera: dict | None = None,
+        agent_radius: float = 0.2,
         render_mode: str = "rgb_array",
     ) -> None:
         if int(img_size) < 8:
@@ -149,11 +154,17 @@ class PointMazeEnv(gym.Env):
             antialias=bool(antialias),
             flip_vertical=bool(flip_vertical),
             camera=CameraSpec.from_config(camera),
+            agent_radius=float(agent_radius),
         )
+        if not self.render_spec.agent_radius > 0:
+            raise ValueError(f"agent_radius must be > 0, got {agent_radius}")
         self.visual_obs = bool(visual_obs)
         self.render_mode = render_mode
         self.model = mujoco.MjModel.from_xml_string(build_mjcf(self.layout))
         self.data = mujoco.MjData(self.model)
+        # Set after compiling so the model's extent (the default camera distance) stays D4RL's.
+        agent_site = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_SITE, "particle_site")
+        self.model.site_size[agent_site, 0] = self.render_spec.agent_radius
         self._renderer = None
         self._target_site = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_SITE, "target_site")
         self._camera = self._make_camera()
@@ -180,6 +191,54 @@ class PointMazeEnv(gym.Env):
         self.data.qpos[:] = state[:2]
         self.data.qvel[:] = state[2:4]
         mujoco.mj_forward(self.model, self.data)
+
+    def get_physics(self) -> np.ndarray:
+        """The full integration state (time, qpos, qvel, warm-start, ...) as float64 (n,), so a harness
+        can interleave many episodes on one env and continue each exactly where it stopped."""
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        out = np.empty(mujoco.mj_stateSize(self.model, spec))
+        mujoco.mj_getState(self.model, self.data, out, spec)
+        return out
+
+    def set_physics(self, physics: np.ndarray) -> None:
+        """Restore a ``get_physics`` snapshot."""
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = np.asarray(physics, dtype=np.float64)
+        size = mujoco.mj_stateSize(self.model, spec)
+        if physics.shape != (size,):
+            raise ValueError(f"physics snapshot has shape {physics.shape}, expected ({size},)")
+        mujoco.mj_setState(self.model, self.data, physics, spec)
+        mujoco.mj_forward(self.model, self.data)
+
+    def simulate(self, states: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Final ``[x, y, vx, vy]`` (M, 4) of M action sequences actions (M, K, 2) from states (M, 4),
+        with ``step``'s rule (clip action to +-1 and velocity to +-5, then 5 substeps), simulated in
+        C by ``mujoco.rollout`` without touching this env's own state. For planning baselines."""
+        from mujoco import rollout
+
+        states = np.asarray(states, dtype=np.float64)
+        actions = np.clip(np.asarray(actions, dtype=np.float64), -1.0, 1.0)
+        M, K, A = actions.shape
+        if states.shape != (M, 4) or A != 2:
+            raise ValueError(
+                f"simulate needs states (M, 4) and actions (M, K, 2), got {states.shape}, {actions.shape}"
+            )
+        spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
+        scratch = mujoco.MjData(self.model)
+        template = np.empty(mujoco.mj_stateSize(self.model, spec))
+        mujoco.mj_getState(self.model, scratch, template, spec)
+        full = np.repeat(template[None], M, axis=0)  # (M, nstate): [time, qpos(2), qvel(2), ...]
+        full[:, 1:5] = states
+        if not hasattr(self, "_rollout_data"):
+            self._rollout_data = [
+                mujoco.MjData(self.model) for _ in range(max(1, min(4, os.cpu_count() or 1)))
+            ]
+        for k in range(K):
+            np.clip(full[:, 3:5], -MAX_SPEED, MAX_SPEED, out=full[:, 3:5])
+            control = np.repeat(actions[:, k : k + 1], PHYSICS_SUBSTEPS, axis=1)  # (M, 5, 2)
+            out, _ = rollout.rollout(self.model, self._rollout_data, full, control, persistent_pool=True)
+            full = out[:, -1]  # (M, nstate)
+        return full[:, 1:5].astype(np.float32)
 
     def set_goal(self, goal) -> None:
         """Remember a goal state (4,) so ``step`` can report reward and ``info['success']``."""
