@@ -138,3 +138,18 @@ def test_decoder_is_its_own_resumable_stage(tiny_store, tmp_path):
     model, _ = load_run(run)
     tokens = torch.randn(2, model.cfg.num_visual_tokens, model.cfg.visual_dim)
     assert decoder(tokens).shape == (2, 3, 16 * 4, 16 * 4)  # a 4x4 grid decodes to 64 px
+
+
+def test_delta_model_starts_as_copy_last_and_keeps_per_token_magnitudes():
+    from wmlab.models.predictor import OutputScale
+    from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
+
+    small = {"depth": 1, "heads": 2, "dim_head": 4, "mlp_dim": 8, "dropout": 0.0}
+    delta = LatentWorldModel(
+        WorldModelConfig(visual_dim=6, num_visual_tokens=4, predict_delta=True, predictor=small)
+    )
+    assert isinstance(delta.predictor.norm, OutputScale)  # a LayerNorm would force unit-variance deltas
+    z = torch.randn(2, 3, 4, delta.cfg.token_dim)
+    torch.testing.assert_close(delta.predict(z), z)  # at init: the copy-last-frame model
+    dino_wm = LatentWorldModel(WorldModelConfig(visual_dim=6, num_visual_tokens=4, predictor=small))
+    assert isinstance(dino_wm.predictor.norm, torch.nn.LayerNorm)  # DINO-WM's own output is unchanged

@@ -26,6 +26,9 @@ class PredictorConfig:
     mlp_dim: int = 2048
     dropout: float = 0.1
     emb_dropout: float = 0.0
+    #: "layernorm" (DINO-WM) or "scale": a per-dimension scale and shift without the normalisation,
+    #: which the world model's delta mode uses (see ``OutputScale``).
+    output_norm: str = "layernorm"
 
 
 def block_causal_mask(num_frames: int, num_tokens: int, device=None) -> torch.Tensor:
@@ -45,17 +48,26 @@ class Attention(nn.Module):
         self.proj = nn.Identity() if (heads == 1 and dim_head == dim) else nn.Linear(inner, dim)
         self.proj_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def heads_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, D) -> q, k, v, each (B, H, L, Dh)."""
         B, L, _ = x.shape
         q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)  # each (B, L, H*Dh)
-        q, k, v = (
-            t.view(B, L, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v)
-        )  # (B, H, L, Dh)
+        return tuple(t.view(B, L, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q (B, H, Lq, Dh), k and v (B, H, Lk, Dh), mask (Lq, Lk) or None -> (B, Lq, D)."""
+        B, _, Lq, _ = q.shape
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, L, Dh)
-        out = out.transpose(1, 2).reshape(B, L, self.heads * self.dim_head)  # (B, L, H*Dh)
+        )  # (B, H, Lq, Dh)
+        out = out.transpose(1, 2).reshape(B, Lq, self.heads * self.dim_head)  # (B, Lq, H*Dh)
         return self.proj_dropout(self.proj(out))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.heads_qkv(x)  # (B, H, L, Dh)
+        return self.attend(q, k, v, mask)
 
 
 class FeedForward(nn.Module):
@@ -80,6 +92,51 @@ class Block(nn.Module):
         x = x + self.attn(x, mask)
         return x + self.mlp(x)
 
+    def forward_cached(self, x: torch.Tensor, cache: dict, mask: torch.Tensor | None) -> torch.Tensor:
+        """New rows x (B, Ln, D) after the rows whose keys/values are in ``cache`` ({"k", "v"}: (B, H,
+        Lc, Dh), or empty); appends the new keys/values to ``cache``. Equals ``forward`` on all rows,
+        restricted to the new ones, because earlier rows never attend to later ones."""
+        q, k, v = self.attn.heads_qkv(x)  # (B, H, Ln, Dh)
+        if cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, H, Lc+Ln, Dh)
+        cache["k"], cache["v"] = k, v
+        x = x + self.attn.attend(q, k, v, mask)
+        return x + self.mlp(x)
+
+    def forward_last_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """x (B, L, D) -> ``forward``'s output for the last ``rows`` rows only, (B, rows, D): keys and
+        values over all rows, queries and the MLP for the last ones (they see every row, so no mask)."""
+        attn = self.attn
+        B, L, _ = x.shape
+        h = attn.norm(x)  # (B, L, D)
+        inner = attn.heads * attn.dim_head
+        # The fused qkv weight's rows are [q; k; v]: project queries for the last rows only.
+        w, b = attn.qkv.weight, attn.qkv.bias  # (3*H*Dh, D), None (DINO-WM's qkv has no bias)
+        q = F.linear(h[:, -rows:], w[:inner], None if b is None else b[:inner])  # (B, rows, H*Dh)
+        kv = F.linear(h, w[inner:], None if b is None else b[inner:])  # (B, L, 2*H*Dh)
+        k, v = kv.chunk(2, dim=-1)  # each (B, L, H*Dh)
+        q = q.view(B, rows, attn.heads, attn.dim_head).transpose(1, 2)  # (B, H, rows, Dh)
+        k, v = (t.view(B, L, attn.heads, attn.dim_head).transpose(1, 2) for t in (k, v))  # (B, H, L, Dh)
+        x = x[:, -rows:] + attn.attend(q, k, v, None)  # (B, rows, D)
+        return x + self.mlp(x)
+
+
+class OutputScale(nn.Module):
+    """LayerNorm's affine part without the normalisation: x * weight + bias, per dimension.
+
+    A final LayerNorm gives every token unit variance, so a model predicting the *change* of each
+    token cannot say "no change here, a change there": static background and the moving agent get
+    deltas of the same size. Scaling without normalising keeps per-token magnitudes.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.bias
+
 
 class BlockCausalPredictor(nn.Module):
     """z (B, T, N, D) with T <= num_frames -> predicted next-frame tokens (B, T, N, D)."""
@@ -90,7 +147,9 @@ class BlockCausalPredictor(nn.Module):
         self.pos_embedding = nn.Parameter(torch.randn(1, cfg.num_frames * cfg.num_tokens, cfg.dim))
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim)
+        if cfg.output_norm not in ("layernorm", "scale"):
+            raise ValueError(f"output_norm must be 'layernorm' or 'scale', got {cfg.output_norm!r}")
+        self.norm = nn.LayerNorm(cfg.dim) if cfg.output_norm == "layernorm" else OutputScale(cfg.dim)
         self.register_buffer("mask", block_causal_mask(cfg.num_frames, cfg.num_tokens), persistent=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -106,3 +165,44 @@ class BlockCausalPredictor(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x).reshape(B, T, N, D)  # (B, T, N, D)
+
+    # ------------------------------------------------------------------ inference shortcuts (rollouts)
+    # Both return exactly what ``forward`` returns for the last frame (to fp32 rounding), in eval mode.
+
+    def forward_last(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, T, N, D) -> ``forward(z)[:, -1:]`` (B, 1, N, D), skipping the last block's queries,
+        attention output and MLP for frames before the last (nothing reads them)."""
+        B, T, N, D = z.shape
+        assert T <= self.cfg.num_frames and N == self.cfg.num_tokens and D == self.cfg.dim, (
+            f"predictor expects (B, <= {self.cfg.num_frames}, {self.cfg.num_tokens}, {self.cfg.dim}), "
+            f"got {tuple(z.shape)}"
+        )
+        L = T * N
+        x = self.emb_dropout(z.reshape(B, L, D) + self.pos_embedding[:, :L])  # (B, T*N, D)
+        mask = self.mask[:L, :L]
+        for block in self.blocks[:-1]:
+            x = block(x, mask)
+        x = self.blocks[-1].forward_last_rows(x, N)  # (B, N, D)
+        return self.norm(x).reshape(B, 1, N, D)
+
+    def forward_incremental(self, z_new: torch.Tensor, cache: list[dict]) -> torch.Tensor:
+        """Frames z_new (B, Tn, N, D) that follow the frames already in ``cache`` (a list of one dict
+        per block; start with ``[{} for _ in blocks]``) -> ``forward(all frames)[:, -1:]`` (B, 1, N, D).
+
+        Valid while the window still starts at position 0: with absolute position embeddings and a
+        block-causal mask, earlier frames' hidden states do not change when frames are appended, so
+        their per-block keys/values are computed once and reused (a KV cache). ``cache`` is updated.
+        """
+        B, Tn, N, D = z_new.shape
+        Lc = cache[0]["k"].shape[2] if cache[0] else 0  # cached rows
+        Ln = Tn * N
+        assert Lc % N == 0 and Lc + Ln <= self.cfg.num_frames * N and N == self.cfg.num_tokens, (
+            f"incremental predictor: {Lc // N} cached + {Tn} new frames of {N} tokens exceed "
+            f"{self.cfg.num_frames} frames of {self.cfg.num_tokens}"
+        )
+        x = self.emb_dropout(z_new.reshape(B, Ln, D) + self.pos_embedding[:, Lc : Lc + Ln])  # (B, Ln, D)
+        # A single new frame sees every cached and new row: no mask (lets SDPA pick a fused kernel).
+        mask = None if Tn == 1 else self.mask[Lc : Lc + Ln, : Lc + Ln]
+        for block, block_cache in zip(self.blocks, cache, strict=True):
+            x = block.forward_cached(x, block_cache, mask)
+        return self.norm(x[:, -N:]).reshape(B, 1, N, D)

@@ -32,12 +32,15 @@ class WorldModelConfig:
     num_pred: int = 1
     concat_dim: int = 1
     #: False = DINO-WM (predict the next latent). True = predict the change from the current
-    #: latent, starting as the copy-last-frame model; helps tokens that barely move (raw pixels).
+    #: latent, starting as the copy-last-frame model (zero-initialised output scale, and no final
+    #: LayerNorm: see ``OutputScale``); needed for tokens that barely move, such as raw pixels.
     predict_delta: bool = False
     predictor: dict = field(default_factory=dict)  # PredictorConfig fields except the derived ones
 
     def predictor_config(self) -> PredictorConfig:
         derived = {"num_frames": self.num_hist, "num_tokens": self.num_tokens, "dim": self.token_dim}
+        if self.predict_delta:
+            derived["output_norm"] = "scale"
         return PredictorConfig(**{**self.predictor, **derived})
 
     @property
@@ -140,13 +143,21 @@ class LatentWorldModel(nn.Module):
         """The training loss (so DDP, which syncs gradients through forward, can wrap the model)."""
         return self.loss(batch)
 
-    def rollout(self, visual: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor) -> dict:
+    def rollout(
+        self, visual: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor, *, fast: bool | None = None
+    ) -> dict:
         """Autoregressive rollout of S candidate action sequences from each of B start histories.
 
         visual (B, n, N, Dv) and proprio (B, n, P): the n observed frames, encoded once.
         actions (B, S, n + t, A) or (B, n + t, A): the first n go with the observed frames (as in
         DINO-WM), the next t are planned. Returns {"z": (B, S, n + t + 1, N', D'), "visual":
         (B, S, n + t + 1, N, Dv), "proprio": (B, S, n + t + 1, Ep)}; the last t + 1 frames are predicted.
+
+        fast (default: in eval mode): compute only what the rollout reads, the last frame of each
+        predictor call, with the same result to fp32 rounding. While the window still starts at frame 0
+        (the first num_hist - n + 1 calls) earlier frames' keys/values are cached, not recomputed; after
+        that the window slides (positions change) and is recomputed, except for the last block's
+        queries and MLP on frames before the last. In training mode (dropout) the reference path runs.
         """
         squeeze = actions.ndim == 3
         if squeeze:
@@ -157,6 +168,7 @@ class LatentWorldModel(nn.Module):
             f"rollout shapes disagree: visual {tuple(visual.shape)}, proprio {tuple(proprio.shape)}, "
             f"actions {tuple(actions.shape)}"
         )
+        fast = (not self.training) if fast is None else fast
         # Embed the observed frames once per start state, then share them across the S candidates.
         z_obs = self.embed(visual, proprio, torch.zeros(B, n, A, dtype=actions.dtype, device=actions.device))
         z_obs = (
@@ -164,17 +176,40 @@ class LatentWorldModel(nn.Module):
         )  # (B*S, n, N', D')
         flat_actions = actions.reshape(B * S, L, A)  # (B*S, n+t, A)
         z = self.replace_actions(z_obs, flat_actions[:, :n])  # (B*S, n, N', D')
+        predict_next = self._next_frame_fast() if fast else self._next_frame
         frames = [z]
         history = z
         for step in range(L - n):
-            z_next = self.predict(history[:, -self.cfg.num_hist :])[:, -1:]  # (B*S, 1, N', D')
+            z_next = predict_next(history, n + step)  # (B*S, 1, N', D')
             z_next = self.replace_actions(z_next, flat_actions[:, n + step : n + step + 1])
             frames.append(z_next)
             history = torch.cat([history, z_next], dim=1)[:, -self.cfg.num_hist :]
-        frames.append(self.predict(history)[:, -1:])  # the frame after the last action
+        frames.append(predict_next(history, L))  # the frame after the last action
         z_all = torch.cat(frames, dim=1)  # (B*S, n+t+1, N', D')
         z_all = z_all.reshape(B, S, *z_all.shape[1:])  # (B, S, n+t+1, N', D')
         out = {"z": z_all, **self.split(z_all)}
         if squeeze:
             out = {k: v[:, 0] for k, v in out.items()}
         return out
+
+    def _next_frame(self, history: torch.Tensor, total: int) -> torch.Tensor:
+        """The reference step: the predictor on the last <= num_hist frames, its last frame kept."""
+        return self.predict(history[:, -self.cfg.num_hist :])[:, -1:]  # (B, 1, N', D')
+
+    def _next_frame_fast(self):
+        """A stateful ``_next_frame`` for one rollout: history (B, T, N', D') of the ``total`` frames so
+        far (the last <= num_hist of them) -> the next frame (B, 1, N', D'), as ``_next_frame``."""
+        H = self.cfg.num_hist
+        cache = [{} for _ in self.predictor.blocks]
+        cached = 0  # frames whose keys/values are in cache (window starting at frame 0)
+
+        def next_frame(history: torch.Tensor, total: int) -> torch.Tensor:
+            nonlocal cached
+            if total <= H:  # the window is all frames so far, from position 0: extend the cache
+                out = self.predictor.forward_incremental(history[:, cached:total], cache)  # (B, 1, N', D')
+                cached = total
+            else:
+                out = self.predictor.forward_last(history[:, -H:])  # (B, 1, N', D')
+            return history[:, -1:] + out if self.cfg.predict_delta else out
+
+        return next_frame

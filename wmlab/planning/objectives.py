@@ -1,0 +1,157 @@
+"""Planning objectives: distance from predicted latents to the goal's, and the world-model cost_fn.
+
+``Objective`` is DINO-WM's ``create_objective_fn`` (``planning/objectives.py``):
+
+- ``mode="last"``: distance of the last predicted frame to the goal;
+- ``mode="all"``: every predicted frame's distance, weighted by ``base**i`` (i = 0 for the first
+  predicted frame) normalised to sum 1, so later frames count more;
+- distance = mean over tokens and channels of the squared (``metric="mse"``) or absolute (``"l1"``)
+  difference, plus ``alpha`` x the same distance between the proprio embeddings.
+
+DINO-WM's PointMaze plan uses last / MSE / alpha 0; its other envs alpha 1. One difference in
+``mode="all"``: DINO-WM scores all of its rollout's frames, the observed first frame too; here only the
+predicted frames are scored. The observed frame's distance is the same for every candidate, so the
+ranking of candidates (and so every plan) is unchanged; only the cost's scale differs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("last", "all")
+METRICS = ("mse", "l1")
+
+
+class Objective:
+    """objective(pred_visual (B, S, T, N, D), pred_proprio (B, S, T, E), goal_visual (B, N, D),
+    goal_proprio (B, E)) -> costs (B, S). ``goal_proprio`` is the goal's proprio *embedding*."""
+
+    def __init__(
+        self, mode: str = "last", metric: str = "mse", alpha: float = 0.0, base: float = 2.0
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"objective mode must be one of {MODES}, got {mode!r}")
+        if metric not in METRICS:
+            raise ValueError(f"objective metric must be one of {METRICS}, got {metric!r}")
+        if alpha < 0 or base <= 0:
+            raise ValueError(f"objective needs alpha >= 0 and base > 0, got {alpha=}, {base=}")
+        self.mode, self.metric, self.alpha, self.base = mode, metric, float(alpha), float(base)
+
+    def __repr__(self) -> str:
+        return f"Objective(mode={self.mode!r}, metric={self.metric!r}, alpha={self.alpha}, base={self.base})"
+
+    def distance(self, pred: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """pred (B, S, T, *F), goal (B, *F) -> per-frame distance (B, S, T), averaged over F."""
+        diff = pred - goal[:, None, None]  # (B, S, T, *F)
+        d = diff.square() if self.metric == "mse" else diff.abs()
+        return d.flatten(3).mean(dim=3)  # (B, S, T)
+
+    def frame_weights(self, T: int, device=None) -> torch.Tensor:
+        """(T,) weights of the predicted frames: one-hot on the last, or base**i normalised."""
+        if self.mode == "last":
+            w = torch.zeros(T, device=device)
+            w[-1] = 1.0
+            return w
+        w = self.base ** torch.arange(T, device=device, dtype=torch.float64)
+        return (w / w.sum()).float()
+
+    def __call__(
+        self,
+        pred_visual: torch.Tensor,
+        pred_proprio: torch.Tensor,
+        goal_visual: torch.Tensor,
+        goal_proprio: torch.Tensor,
+    ) -> torch.Tensor:
+        B, S, T, N, D = pred_visual.shape
+        assert pred_proprio.shape[:3] == (B, S, T) and pred_proprio.ndim == 4, (
+            f"pred_proprio {tuple(pred_proprio.shape)} does not match pred_visual {tuple(pred_visual.shape)}"
+        )
+        E = pred_proprio.shape[3]
+        assert tuple(goal_visual.shape) == (B, N, D), (
+            f"goal_visual {tuple(goal_visual.shape)} must be (B, N, D) = {(B, N, D)}"
+        )
+        assert tuple(goal_proprio.shape) == (B, E), (
+            f"goal_proprio {tuple(goal_proprio.shape)} must be the goal's proprio embedding (B, E) = {(B, E)}"
+        )
+        if self.mode == "last":  # only the last frame is needed: skip the others' distances
+            pred_visual, pred_proprio = pred_visual[:, :, -1:], pred_proprio[:, :, -1:]
+        w = self.frame_weights(pred_visual.shape[2], pred_visual.device).to(pred_visual.dtype)  # (T',)
+        cost = self.distance(pred_visual, goal_visual) @ w  # (B, S)
+        if self.alpha:
+            cost = cost + self.alpha * (self.distance(pred_proprio, goal_proprio) @ w.to(pred_proprio.dtype))
+        return cost
+
+
+def rollout_cost_fn(
+    model,
+    obs_visual: torch.Tensor,
+    obs_proprio: torch.Tensor,
+    goal_visual: torch.Tensor,
+    goal_proprio: torch.Tensor,
+    objective: Objective,
+    chunk: int | None = None,
+    *,
+    past_actions: torch.Tensor | None = None,
+):
+    """A planner's cost_fn: roll the world model out on candidate actions and score predicted frames.
+
+    model: a ``LatentWorldModel`` in eval mode (dropout would make costs random).
+    obs_visual (B, n, N, Dv), obs_proprio (B, n, P): the n observed frames' encoder tokens and
+        normalised proprio, encoded once by the caller (images are never re-encoded here).
+    goal_visual (B, N, Dv): goal tokens; goal_proprio (B, P): the goal's normalised *raw* proprio,
+        embedded here once with the model's proprio encoder, as the rollout's proprio output is.
+    chunk: at most this many candidates per start state per rollout call (bounds memory); None = all.
+    past_actions (B, n - 1, A): the actions taken between the observed frames (needed when n > 1).
+
+    Returns cost_fn(actions (B, S, T, A)) -> (B, S): the rollout runs actions[:, :, 0] from the last
+    observed frame and T model steps; the T predicted frames are scored. Differentiable in the actions
+    (for GD) unless called under torch.no_grad().
+    """
+    if model.training:
+        raise ValueError("rollout_cost_fn: call model.eval() first (dropout would make the costs random)")
+    cfg = model.cfg
+    B, n, N, Dv = obs_visual.shape
+    assert (N, Dv) == (cfg.num_visual_tokens, cfg.visual_dim), (
+        f"obs_visual {tuple(obs_visual.shape)} does not match the model's tokens "
+        f"({cfg.num_visual_tokens}, {cfg.visual_dim})"
+    )
+    assert tuple(obs_proprio.shape) == (B, n, cfg.proprio_dim), (
+        f"obs_proprio {tuple(obs_proprio.shape)} must be (B, n, P) = {(B, n, cfg.proprio_dim)}"
+    )
+    assert tuple(goal_visual.shape) == (B, N, Dv), (
+        f"goal_visual {tuple(goal_visual.shape)} must be {(B, N, Dv)}"
+    )
+    assert tuple(goal_proprio.shape) == (B, cfg.proprio_dim), (
+        f"goal_proprio {tuple(goal_proprio.shape)} must be the raw normalised proprio (B, P) = "
+        f"{(B, cfg.proprio_dim)}; it is embedded here"
+    )
+    if n > 1:
+        if past_actions is None or tuple(past_actions.shape) != (B, n - 1, cfg.action_dim):
+            got = None if past_actions is None else tuple(past_actions.shape)
+            raise ValueError(
+                f"rollout_cost_fn: {n} observed frames need past_actions (B, n-1, A) = "
+                f"{(B, n - 1, cfg.action_dim)}, got {got}"
+            )
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"rollout_cost_fn: chunk must be >= 1 or None, got {chunk}")
+    with torch.no_grad():
+        goal_proprio_emb = model.proprio_encoder(goal_proprio)  # (B, Ep)
+
+    def cost_fn(actions: torch.Tensor) -> torch.Tensor:
+        B_, S, T, A = actions.shape
+        assert (B_, A) == (B, cfg.action_dim), (
+            f"actions {tuple(actions.shape)} must be (B, S, T, A) with B={B}, A={cfg.action_dim}"
+        )
+        costs = []
+        step = chunk or S
+        for start in range(0, S, step):
+            part = actions[:, start : start + step]  # (B, s, T, A)
+            if n > 1:  # the past actions go with the earlier observed frames
+                past = past_actions[:, None].expand(B, part.shape[1], n - 1, A).to(part.dtype)
+                part = torch.cat([past, part], dim=2)  # (B, s, n-1+T, A)
+            out = model.rollout(obs_visual, obs_proprio, part)  # frames (B, s, n+T, ...)
+            visual, proprio = out["visual"][:, :, -T:], out["proprio"][:, :, -T:]  # the T predicted
+            costs.append(objective(visual, proprio, goal_visual, goal_proprio_emb))  # (B, s)
+        return torch.cat(costs, dim=1).float()  # (B, S)
+
+    return cost_fn
