@@ -24,6 +24,7 @@ ENCODERS: dict[str, str] = {
     "r3m": "wmlab.encoders.resnet:make_r3m",
     "vfm_vae": "wmlab.encoders.vfm_vae:make_vfm_vae",
     "dino_tok": "wmlab.encoders.dino_tok:make_dino_tok",
+    "vae": "wmlab.encoders.vae:make_vae",
 }
 
 __all__ = ["ENCODERS", "Encoder", "EncoderInfo", "make_encoder"]

@@ -1,0 +1,120 @@
+"""``wmlab worldmodels <stage> key=value ...``: the World Models pipeline's entry point.
+
+Stages: collect | train-vae | train-rnn | train-controller | evaluate | iterate | report. The config is
+``wmlab/conf/worldmodels.yaml`` with groups ``wm_env`` (take_cover, car_racing, dodge) and ``preset``
+(full, tiny); ``wm_env=car_racing preset=tiny`` pick them (short for Hydra's ``worldmodels/wm_env=...``).
+
+    wmlab worldmodels collect wm_env=take_cover preset=tiny
+    wmlab worldmodels train-controller wm_env=take_cover dream=true temperature=1.15
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+from omegaconf import OmegaConf
+
+GROUPS = {"wm_env": "worldmodels/wm_env", "preset": "worldmodels/preset"}
+
+
+def _stage_collect(cfg: dict) -> None:
+    from wmlab.worldmodels import stages
+
+    store = stages.collect(cfg)
+    run = store.metadata.get("last_run", {})
+    print(f"{len(store)}/{store.n_slots} episodes in {store.path} ({run.get('frames_per_second')} frames/s)")
+
+
+def _stage_train_vae(cfg: dict) -> None:
+    from wmlab.worldmodels import stages
+
+    out = stages.train_vae(cfg)
+    print(f"V: {out} (as an encoder: encoder=vae encoder.weights={out})")
+
+
+def _stage_train_rnn(cfg: dict) -> None:
+    from wmlab.worldmodels import stages
+
+    print(f"M: {stages.train_rnn(cfg)}")
+
+
+def _stage_train_controller(cfg: dict) -> None:
+    from wmlab.worldmodels import stages
+
+    out = stages.train_controller(cfg)
+    meta = json.loads((out / "controller.json").read_text())
+    print(f"C: {out} (best evaluation {meta['best_eval']}, {meta['generation']} generations)")
+
+
+def _stage_evaluate(cfg: dict) -> None:
+    from wmlab.worldmodels import stages
+
+    record = stages.evaluate(cfg)
+    real = record.get("real")
+    if real:
+        print(f"real {cfg['wm_env']['name']}: {real['mean']:.1f} ± {real['std']:.1f} over {real['n']} trials")
+    for tau, s in (record.get("dream") or {}).items():
+        print(f"dream tau={tau}: {s['mean']:.1f} ± {s['std']:.1f} over {s['n']} dreams")
+
+
+def _stage_iterate(cfg: dict) -> None:
+    from wmlab.worldmodels.evaluate import read_jsonl
+    from wmlab.worldmodels.iterate import iterate
+
+    path = iterate(cfg)
+    for row in read_jsonl(path):
+        print(
+            json.dumps({k: row[k] for k in ("iteration", "real_mean", "real_std", "dream_mean", "dream_std")})
+        )
+    print(f"results: {path}")
+
+
+def _stage_report(cfg: dict) -> None:
+    from wmlab.worldmodels.report import build_report
+
+    print(f"report: {build_report(cfg)}")
+
+
+STAGES = {
+    "collect": _stage_collect,
+    "train-vae": _stage_train_vae,
+    "train-rnn": _stage_train_rnn,
+    "train-controller": _stage_train_controller,
+    "evaluate": _stage_evaluate,
+    "iterate": _stage_iterate,
+    "report": _stage_report,
+}
+
+
+def translate(overrides: list[str]) -> list[str]:
+    """``wm_env=x`` / ``preset=y`` -> Hydra's group paths; everything else unchanged."""
+    out = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        out.append(f"{GROUPS[key]}={value}" if sep and key in GROUPS else override)
+    return out
+
+
+def compose(overrides: list[str]) -> dict:
+    """The resolved ``worldmodels`` config with ``overrides`` as a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="wmlab.conf", version_base="1.3"):
+        cfg = hydra_compose(config_name="worldmodels", overrides=translate(list(overrides)))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def worldmodels_main(stage: str, overrides: list[str]) -> None:
+    """Compose the config and run ``stage``. Unknown stages fail with the list of valid ones."""
+    if stage not in STAGES:
+        close = difflib.get_close_matches(stage, STAGES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown worldmodels stage {stage!r}.{hint} Stages: {', '.join(STAGES)}")
+    cfg = compose(overrides)
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg["torch_threads"]))
+    STAGES[stage](cfg)
