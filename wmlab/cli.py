@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 VERBS: dict[str, tuple[str, str]] = {}  # verb -> (config name, one-line help)
 _HANDLERS: dict[str, Callable[[DictConfig], object]] = {}
+#: verbs whose first bare argument is a path: verb -> the config key it sets
+POSITIONAL = {"report": "study_dir", "import-dino-wm": "run"}
 
 
 def verb(name: str, config: str, help_text: str):
@@ -176,6 +178,63 @@ def _import_dino_wm(cfg: DictConfig):
     print(f"imported {cfg.run} -> {out}")
 
 
+@verb("plan", "plan", "plan towards goal images closed-loop (MPC) and report success with intervals")
+def _plan(cfg: DictConfig):
+    from wmlab.evaluate import plan
+
+    out = plan(OmegaConf.to_container(cfg, resolve=True))
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    for key in ("reached", "final"):
+        s = summary[f"success_{key}"]
+        lo, hi = s["ci95"]
+        count = f"{s['successes']}/{summary['n_episodes']}"
+        print(f"success ({key}): {s['rate']:.2f} [{lo:.2f}, {hi:.2f}] ({count})")
+    print(f"mean final distance {summary['mean_final_dist']:.3f}; results in {out}")
+
+
+@verb("worldmodels", "worldmodels", "the World Models agent: worldmodels collect|train-vae|train-rnn|...")
+def _worldmodels(cfg: DictConfig):
+    raise AssertionError("unreachable: run() hands `worldmodels <stage> ...` to wmlab.worldmodels.cli")
+
+
+def _study_command(verb_name: str) -> str:
+    return " ".join(["wmlab", verb_name, *sys.argv[2:]]) if len(sys.argv) > 1 else f"wmlab {verb_name}"
+
+
+@verb("study", "study", "compare encoders: train, diagnose and plan per encoder x seed x planner; report")
+def _study(cfg: DictConfig):
+    from wmlab.study import run_study
+
+    out = run_study({**OmegaConf.to_container(cfg, resolve=True), "command": _study_command("study")})
+    _print_report(out)
+
+
+@verb("demo", "demo", "the representation study on CPU in minutes with no downloads (preset=full: GPU)")
+def _demo(cfg: DictConfig):
+    from wmlab.study import run_study
+
+    started = __import__("time").perf_counter()
+    out = run_study({**OmegaConf.to_container(cfg, resolve=True), "command": _study_command("demo")})
+    print(f"demo finished in {(__import__('time').perf_counter() - started) / 60:.1f} min")
+    _print_report(out)
+
+
+@verb("report", "report", "rebuild a study's report (Markdown + HTML) from its results files")
+def _report(cfg: DictConfig):
+    from wmlab.report.study_report import build_report
+
+    for kind, path in build_report(cfg.study_dir).items():
+        print(f"{kind}: {path}")
+
+
+def _print_report(study_dir) -> None:
+    report = Path(study_dir) / "report"
+    if (report / "report.html").is_file():
+        print(f"report: {report / 'report.html'} (and report.md)")
+    else:
+        print(f"results in {study_dir} (this invocation ran one cell; run without cell= to merge and report)")
+
+
 def compose(verb_name: str, overrides: list[str]) -> DictConfig:
     """The resolved config of ``verb_name`` with ``overrides`` (Hydra's compose API)."""
     from hydra import compose as hydra_compose
@@ -194,6 +253,14 @@ def run(verb_name: str, *overrides: str):
         close = difflib.get_close_matches(verb_name, VERBS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise SystemExit(f"wmlab: unknown verb '{verb_name}'.{hint} Verbs: {', '.join(VERBS)}")
+    if verb_name == "worldmodels":  # a verb with stages, each its own config (wmlab/worldmodels/cli.py)
+        from wmlab.worldmodels.cli import worldmodels_main
+
+        if not overrides or "=" in overrides[0]:
+            raise ValueError(
+                "wmlab worldmodels needs a stage: collect|train-vae|train-rnn|train-controller|..."
+            )
+        return worldmodels_main(overrides[0], list(overrides[1:]))
     return _HANDLERS[verb_name](compose(verb_name, list(overrides)))
 
 
@@ -233,18 +300,30 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     verb_name, overrides = argv[0], argv[1:]
+    # `wmlab report <study_dir>`, `wmlab import-dino-wm <run>`: one bare path is the verb's main key.
+    if verb_name in POSITIONAL and overrides and "=" not in overrides[0] and not overrides[0].startswith("-"):
+        overrides = [f"{POSITIONAL[verb_name]}={overrides[0]}", *overrides[1:]]
+
+    def invoke():
+        if "--cfg" in overrides or "--help" in overrides:
+            if verb_name not in VERBS:
+                run(verb_name)  # raises the unknown-verb message
+            print(OmegaConf.to_yaml(compose(verb_name, [o for o in overrides if not o.startswith("--")])))
+            return
+        run(verb_name, *overrides)
+
+    return main_guarded(verb_name, invoke, overrides)
+
+
+def main_guarded(label: str, fn, overrides: list[str] = ()) -> int:
+    """Run ``fn`` and turn the errors a user can cause into a message and an exit code."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from wmlab.data.errors import DatasetError
 
     try:
-        if "--cfg" in overrides or "--help" in overrides:
-            if verb_name not in VERBS:
-                run(verb_name)  # raises the unknown-verb message
-            print(OmegaConf.to_yaml(compose(verb_name, [o for o in overrides if not o.startswith("--")])))
-            return 0
-        run(verb_name, *overrides)
+        fn()
     except (HydraException, OmegaConfBaseException) as err:
         lines = str(err).replace("\n\n", "\n").splitlines()
         # Hydra appends its config search path; a user needs the valid choices, not that.
@@ -253,15 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         message = "\n".join(lines)
         if "Missing mandatory value" in message:
             message += "\n(give it on the command line as key=value)"
-        if "Could not override" in message:
-            message += _suggest_keys(verb_name, overrides)
-        print(f"wmlab {verb_name}: bad configuration: {message}", file=sys.stderr)
+        if "Could not override" in message and label in VERBS:
+            message += _suggest_keys(label, list(overrides))
+        print(f"wmlab {label}: bad configuration: {message}", file=sys.stderr)
         return 2
     except (DatasetError, FileNotFoundError, ValueError) as err:
-        print(f"wmlab {verb_name}: error: {err}", file=sys.stderr)
+        print(f"wmlab {label}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print(f"\nwmlab {verb_name}: {err or 'interrupted'}", file=sys.stderr)
+        print(f"\nwmlab {label}: {err or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

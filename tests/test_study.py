@@ -1,0 +1,101 @@
+"""`wmlab study` smoke test: two tiny encoders end to end, a failing cell, resuming without re-running."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from wmlab.cli import compose
+from wmlab.study import run_study
+
+TINY_TRAIN = [
+    "predictor.depth=1", "predictor.heads=2", "predictor.dim_head=8",
+    "predictor.mlp_dim=32", "frameskip=2", "num_hist=2", "training.epochs=1", "training.batch_size=8",
+    "training.max_steps_per_epoch=3", "training.val_batches=1", "training.rollout_eval_steps=2",
+]  # fmt: skip
+TINY_PLAN = [
+    "n_evals=3", "goal_H=2", "max_steps=8", "planner.samples=6", "planner.topk=2", "planner.opt_steps=2",
+    "n_videos=1",
+]  # fmt: skip
+
+
+def study_cfg(store, study_dir, **settings) -> dict:
+    """The resolved study config (lists of overrides set in Python: Hydra's grammar would need quoting)."""
+    overrides = [f"data={store.path}", f"study_dir={study_dir}", "img_size=32", "collect.n_episodes=6",
+                 "seeds=[0]", "planners=[mpc_cem]", "device=cpu", "progress=false"]  # fmt: skip
+    cfg = OmegaConf.to_container(compose("study", overrides), resolve=True)
+    cfg.update(
+        encoders=["pixels", "pixels_big", "dino_tok"],
+        encoder_names={"pixels_big": "pixels"},
+        encoder_overrides={
+            "pixels": ["encoder.input_size=32", "encoder.patch_size=16"],
+            "pixels_big": ["encoder.input_size=32", "encoder.patch_size=8"],
+        },
+        baselines=["random"],
+        train=TINY_TRAIN,
+        plan=TINY_PLAN,
+        diagnostics={"n_frames": 60, "n_pairs": 30, "horizons": 2, "n_windows": 4},
+    )
+    cfg.update(settings)
+    return cfg
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_study(tiny_store, tmp_path_factory):
+    study_dir = tmp_path_factory.mktemp("study")
+    return run_study(study_cfg(tiny_store, study_dir))
+
+
+def test_study_writes_long_results_failures_and_report(finished_study):
+    results = finished_study / "results"
+    episodes = read_jsonl(results / "episodes.jsonl")
+    cells = {(r["encoder"], r["seed"], r["planner"]) for r in episodes}
+    assert cells == {("pixels", 0, "mpc_cem"), ("pixels_big", 0, "mpc_cem"), ("baseline", None, "random")}
+    assert len(episodes) == 9
+    assert {r["start_seed"] for r in episodes} == {1, 100, 199}  # the same pairs for every cell
+    diagnostics = {r["encoder"]: r for r in read_jsonl(results / "diagnostics.jsonl")}
+    assert set(diagnostics) == {"pixels", "pixels_big"}
+    assert diagnostics["pixels"]["num_tokens"] == 4 and diagnostics["pixels_big"]["num_tokens"] == 16
+    assert (
+        diagnostics["pixels"]["val_loss"] is not None and diagnostics["pixels"]["copy_last_loss"] is not None
+    )
+    failures = read_jsonl(results / "failures.jsonl")
+    assert [f["encoder"] for f in failures] == ["dino_tok"]  # no weights: reported, the rest went on
+    assert "weights" in failures[0]["error"]
+    study = json.loads((finished_study / "study.json").read_text())
+    assert study["protocol"]["max_steps"] == 8 and any(k.startswith("train:") for k in study["stage_seconds"])
+    html = (finished_study / "report" / "report.html").read_text()
+    assert "pixels_big" in html and "dino_tok" in html
+    assert list((finished_study / "videos").glob("pixels__seed0__mpc_cem/*.gif"))
+
+
+def test_rerunning_a_study_skips_finished_cells(finished_study, tiny_store):
+    summaries = sorted((finished_study / "cells").glob("*/summary.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in summaries}
+    weights = {p: p.stat().st_mtime_ns for p in (finished_study / "runs").glob("*/model.safetensors")}
+    # An "interrupted" study: one evaluation's result is gone; only that cell runs again.
+    lost = finished_study / "cells" / "pixels__seed0__mpc_cem"
+    (lost / "summary.json").unlink()
+    run_study(study_cfg(tiny_store, finished_study))
+    assert (lost / "summary.json").is_file()
+    for path, stamp in stamps.items():
+        if path.parent != lost:
+            assert path.stat().st_mtime_ns == stamp, f"{path} was recomputed"
+    for path, stamp in weights.items():
+        assert path.stat().st_mtime_ns == stamp, f"{path} was retrained"
+    assert len(read_jsonl(finished_study / "results" / "episodes.jsonl")) == 9
+
+
+def test_one_cell_at_a_time_then_merge(tiny_store, tmp_path):
+    cfg = study_cfg(tiny_store, tmp_path, encoders=["pixels"], baselines=[])
+    run_study({**cfg, "cell": "pixels__seed0"})
+    assert (tmp_path / "cells" / "pixels__seed0__mpc_cem" / "summary.json").is_file()
+    assert not (tmp_path / "report").exists()  # a cell job does not merge
+    run_study(cfg)
+    assert len(read_jsonl(tmp_path / "results" / "episodes.jsonl")) == 3

@@ -1,0 +1,358 @@
+"""The representation study (``wmlab study``): the same world model and planners over many encoders.
+
+For each encoder: prepare it (train the in-domain ones, e.g. the ``vae``, on the dataset), build its
+frozen-feature cache, then for each seed train the world model with identical settings, run the
+diagnostics, and evaluate every planner on the same start/goal pairs under the same budget. The
+random-policy and state-oracle baselines run once on those pairs. Results are written in long format
+(one row per encoder x seed x planner x episode) and the report is built from them alone.
+
+Layout of ``study_dir``::
+
+    study.json                      settings, protocol, per-stage seconds (accumulated over re-runs)
+    encoders/<encoder>/             in-domain encoder weights (vae)
+    runs/<encoder>__seed<k>/        world-model run directories (resumable)
+    cells/<encoder>__seed<k>__<planner>/   each evaluation (results.jsonl, summary.json, videos/)
+    cells/<encoder>__seed<k>__diagnostics.json
+    results/episodes.jsonl, diagnostics.jsonl, distances/, failures.jsonl
+    videos/<encoder>__seed<k>__<planner>/*.gif
+    report/report.md, report.html
+
+Resuming: every finished cell leaves its result file; a re-run skips it. A failing cell (missing
+weights, NaN loss, ...) is recorded in ``failures.jsonl`` with its error and the others go on.
+``cell=<encoder>`` (or ``cell=<encoder>__seed<k>``) runs only that part, so a cluster can run cells
+as separate jobs (see README); a final run without ``cell`` merges and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from wmlab.runs import read_json, write_json
+
+BASELINE = "baseline"
+
+
+class Study:
+    """One study directory and its settings (the resolved ``conf/study.yaml``)."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.dir = Path(cfg["study_dir"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.failures: list[dict] = []
+        info_path = self.dir / "study.json"
+        self.info = read_json(info_path) if info_path.is_file() else {}
+        self.info.setdefault("stage_seconds", {})
+
+    # ------------------------------------------------------------------ bookkeeping
+    def timed(self, stage: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds = self.info["stage_seconds"]
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+            self.save_info()
+
+    def save_info(self) -> None:
+        cfg = self.cfg
+        self.info.update(
+            {
+                "env": cfg["env"]["name"],
+                "env_settings": cfg["env"],
+                "data": str(cfg["data"]),
+                "encoders": list(cfg["encoders"]),
+                "seeds": list(cfg["seeds"]),
+                "planners": list(cfg["planners"]),
+                "baselines": list(cfg["baselines"]),
+                "protocol": self.protocol(),
+                "train_overrides": list(cfg["train"]),
+                "command": cfg.get("command") or "wmlab study",
+            }
+        )
+        write_json(self.dir / "study.json", self.info)
+
+    def protocol(self) -> dict:
+        plan = self.plan_cfg((self.cfg["planners"] or ["mpc_cem"])[0], self.dir / "unused")
+        return {k: plan[k] for k in ("max_steps", "max_iter", "goal_source", "goal_H", "n_evals", "seed")} | {
+            "objective": plan["objective"]
+        }
+
+    def fail(self, encoder: str, seed, planner, stage: str, error: BaseException) -> None:
+        row = {
+            "encoder": encoder,
+            "seed": seed,
+            "planner": planner,
+            "stage": stage,
+            "error": f"{type(error).__name__}: {error}",
+        }
+        self.failures.append(row)
+        print(f"study: {encoder} seed={seed} planner={planner} failed at {stage}: {row['error']}")
+        log = self.dir / "logs"
+        log.mkdir(exist_ok=True)
+        with open(log / "failures.log", "a") as f:
+            f.write(json.dumps(row) + "\n" + traceback.format_exc() + "\n")
+
+    # ------------------------------------------------------------------ stages
+    def dataset(self) -> Path:
+        """The study's dataset; collected (resumably) when it does not exist yet."""
+        from wmlab.data.store import TrajectoryStore
+
+        data = Path(self.cfg["data"])
+        c = self.cfg["collect"]
+        if (data / "zarr.json").is_file() and len(TrajectoryStore(data)) >= int(c["n_episodes"]):
+            return data
+        from wmlab.data.collect import collect
+
+        env = dict(self.cfg["env"])
+        name = env.pop("name")
+        self.timed(
+            "collect", collect, out=data, env=name, n_episodes=int(c["n_episodes"]),
+            episode_len=int(c["episode_len"]), policy="random", workers=int(c["workers"]),
+            seed=int(c["seed"]), env_kwargs=env, progress=self.cfg["progress"],
+        )  # fmt: skip
+        return data
+
+    def encoder_overrides(self, encoder: str, data: Path) -> list[str]:
+        """Train-time overrides choosing ``encoder``, after preparing it when it learns in-domain."""
+        overrides = [f"encoder={self.base_encoder(encoder)}", *self.cfg["encoder_overrides"].get(encoder, [])]
+        if self.base_encoder(encoder) == "vae" and not any(
+            o.startswith("encoder.weights=") for o in overrides
+        ):
+            overrides.append(f"encoder.weights={self.train_vae(encoder, data)}")
+        return overrides
+
+    def base_encoder(self, encoder: str) -> str:
+        """Study keys may name variants (``pixels_pool2``); ``encoder_names`` maps them to encoders."""
+        return self.cfg["encoder_names"].get(encoder, encoder)
+
+    def train_vae(self, encoder: str, data: Path) -> Path:
+        from wmlab.models.vae import train_vae
+
+        out = self.dir / "encoders" / encoder
+        if not (out / "vae.json").is_file():
+            v = dict(self.cfg["vae"])
+            self.timed(
+                f"prepare:{encoder}",
+                train_vae,
+                data,
+                out,
+                device=self.cfg["device"],
+                progress=self.cfg["progress"],
+                **v,
+            )
+        return out
+
+    def train_cfg(self, encoder: str, seed: int, data: Path) -> dict:
+        from omegaconf import OmegaConf
+
+        from wmlab.cli import compose
+
+        overrides = [
+            *self.cfg["train"], *self.encoder_overrides(encoder, data), f"data={data}",
+            f"training.seed={seed}", f"run_dir={self.run_dir(encoder, seed)}", f"device={self.cfg['device']}",
+            f"progress={self.cfg['progress']}",
+        ]  # fmt: skip
+        cfg = OmegaConf.to_container(compose("train", overrides), resolve=True)
+        cfg["env"] = dict(self.cfg["env"])  # recorded in the run: the env its frames came from
+        return cfg
+
+    def run_dir(self, encoder: str, seed: int) -> Path:
+        return self.dir / "runs" / f"{encoder}__seed{seed}"
+
+    def cell_dir(self, encoder: str, seed, planner: str) -> Path:
+        return (
+            self.dir
+            / "cells"
+            / (f"{encoder}__seed{seed}__{planner}" if encoder != BASELINE else f"{BASELINE}__{planner}")
+        )
+
+    def plan_cfg(self, planner: str, out: Path, run_dir: Path | None = None) -> dict:
+        from omegaconf import OmegaConf
+
+        from wmlab.cli import compose
+
+        shared = self.cfg["plan"]
+        if planner in ("random", "oracle"):  # the model planners' settings do not apply to baselines
+            shared = [o for o in shared if not o.lstrip("+~").startswith("planner.")]
+        overrides = [f"planner={planner}", *shared, f"out={out}", f"device={self.cfg['device']}",
+                     f"progress={self.cfg['progress']}"]  # fmt: skip
+        if run_dir is not None:
+            overrides.append(f"run_dir={run_dir}")
+        cfg = OmegaConf.to_container(compose("plan", overrides), resolve=True)
+        cfg["env"] = dict(self.cfg["env"])
+        return cfg
+
+    def train_finished(self, run_dir: Path, epochs: int) -> bool:
+        state = run_dir / "checkpoint" / "state.json"
+        return state.is_file() and int(read_json(state).get("epoch", 0)) >= epochs
+
+    def run_encoder(self, encoder: str, data: Path, seeds: list[int]) -> None:
+        from wmlab.evaluate import plan
+        from wmlab.train import train
+
+        try:
+            cfgs = {seed: self.train_cfg(encoder, seed, data) for seed in seeds}
+        except Exception as error:  # e.g. weights not found, unknown encoder: the other encoders go on
+            self.fail(encoder, None, None, "prepare", error)
+            return
+        first = cfgs[seeds[0]]
+        try:
+            self.timed(f"encode:{encoder}", self.build_cache, first, data)
+        except Exception as error:
+            self.fail(encoder, None, None, "encode", error)
+            return
+        for seed, tcfg in cfgs.items():
+            run_dir = Path(tcfg["run_dir"])
+            try:
+                if not self.train_finished(run_dir, int(tcfg["training"]["epochs"])):
+                    self.timed(f"train:{encoder}", train, tcfg)
+            except Exception as error:
+                self.fail(encoder, seed, None, "train", error)
+                continue
+            diag_path = self.dir / "cells" / f"{encoder}__seed{seed}__diagnostics.json"
+            if not diag_path.is_file():
+                try:
+                    row, distances = self.timed(f"diagnose:{encoder}", self.diagnose, run_dir, data)
+                    diag_path.parent.mkdir(parents=True, exist_ok=True)
+                    write_json(diag_path, {"row": row, "distances": distances})
+                except Exception as error:
+                    self.fail(encoder, seed, None, "diagnostics", error)
+            for planner in self.cfg["planners"]:
+                out = self.cell_dir(encoder, seed, planner)
+                if (out / "summary.json").is_file():
+                    continue
+                try:
+                    self.timed(f"plan:{encoder}:{planner}", plan, self.plan_cfg(planner, out, run_dir))
+                except Exception as error:
+                    self.fail(encoder, seed, planner, "plan", error)
+
+    def build_cache(self, tcfg: dict, data: Path) -> None:
+        """Encode the dataset once for this encoder (frozen encoders only; training then reads it)."""
+        from wmlab.data.feature_cache import encode_dataset
+        from wmlab.train import encoder_kwargs
+
+        enc = tcfg["encoder"]
+        encode_dataset(
+            data, enc["name"], encoder_kwargs=encoder_kwargs(enc), weights=enc.get("weights"),
+            token_pool=enc.get("token_pool", 1), batch_size=int(self.cfg["encode_batch_size"]),
+            device=self.cfg["device"], progress=self.cfg["progress"],
+        )  # fmt: skip
+
+    def diagnose(self, run_dir: Path, data: Path):
+        from wmlab.diagnostics import diagnose_run
+
+        d = self.cfg["diagnostics"]
+        device = "cuda" if self.cfg["device"] in ("auto", "cuda") and _cuda() else "cpu"
+        return diagnose_run(run_dir, data=data, device=device, **d)
+
+    def run_baselines(self) -> None:
+        from wmlab.evaluate import plan
+
+        for baseline in self.cfg["baselines"]:
+            out = self.cell_dir(BASELINE, None, baseline)
+            if (out / "summary.json").is_file():
+                continue
+            try:
+                self.timed(f"plan:{BASELINE}:{baseline}", plan, self.plan_cfg(baseline, out))
+            except Exception as error:
+                self.fail(BASELINE, None, baseline, "plan", error)
+
+    # ------------------------------------------------------------------ results
+    def merge(self) -> None:
+        """Collect every finished cell into the long-format results files the report reads."""
+        results = self.dir / "results"
+        (results / "distances").mkdir(parents=True, exist_ok=True)
+        episodes, diagnostics = [], []
+        cells = [
+            (e, s, p) for e in self.cfg["encoders"] for s in self.cfg["seeds"] for p in self.cfg["planners"]
+        ]
+        cells += [(BASELINE, None, b) for b in self.cfg["baselines"]]
+        for encoder, seed, planner in cells:
+            cell = self.cell_dir(encoder, seed, planner)
+            if not (cell / "summary.json").is_file():
+                continue
+            for line in (cell / "results.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                episodes.append({"encoder": encoder, "seed": seed, "planner": planner, **row})
+            videos = self.dir / "videos" / cell.name
+            if (cell / "videos").is_dir():
+                shutil.rmtree(videos, ignore_errors=True)
+                shutil.copytree(cell / "videos", videos)
+        for encoder in self.cfg["encoders"]:
+            for seed in self.cfg["seeds"]:
+                path = self.dir / "cells" / f"{encoder}__seed{seed}__diagnostics.json"
+                if not path.is_file():
+                    continue
+                saved = read_json(path)
+                row = {
+                    **saved["row"],
+                    "encoder": encoder,
+                    "seed": seed,
+                    **self.training_losses(encoder, seed),
+                }
+                row["plan_time_per_step_s"] = self.plan_time_per_step(encoder, seed)
+                diagnostics.append(row)
+                write_json(results / "distances" / f"{encoder}__seed{seed}.json", saved["distances"])
+        _write_jsonl(results / "episodes.jsonl", episodes)
+        _write_jsonl(results / "diagnostics.jsonl", diagnostics)
+        _write_jsonl(results / "failures.jsonl", self.failures)
+
+    def training_losses(self, encoder: str, seed: int) -> dict:
+        meta = self.run_dir(encoder, seed) / "metadata.json"
+        history = read_json(meta).get("history", []) if meta.is_file() else []
+        last = history[-1] if history else {}
+        return {
+            "val_loss": last.get("val_z_visual_loss"),
+            "copy_last_loss": last.get("val_copy_last_visual_loss"),
+        }
+
+    def plan_time_per_step(self, encoder: str, seed: int):
+        """Median seconds per plan call per episode of the first planner evaluated (MPC steps)."""
+        for planner in self.cfg["planners"]:
+            path = self.cell_dir(encoder, seed, planner) / "summary.json"
+            if path.is_file():
+                return read_json(path).get("median_plan_seconds_per_episode")
+        return None
+
+
+def run_study(cfg: dict) -> Path:
+    """Run (or resume) the study described by ``cfg``; returns the study directory."""
+    study = Study(cfg)
+    study.save_info()
+    data = study.dataset()
+    only = cfg.get("cell")
+    for encoder in cfg["encoders"]:
+        seeds = [int(s) for s in cfg["seeds"]]
+        if only and only != encoder and not str(only).startswith(f"{encoder}__seed"):
+            continue
+        if only and str(only).startswith(f"{encoder}__seed"):
+            seeds = [int(str(only).split("__seed")[1])]
+        study.run_encoder(encoder, data, seeds)
+    if not only or only == BASELINE:
+        study.run_baselines()
+    if only:
+        return study.dir
+    study.merge()
+    if cfg.get("report", True):
+        from wmlab.report.study_report import build_report
+
+        study.timed("report", build_report, study.dir)
+    return study.dir
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
