@@ -140,16 +140,32 @@ def test_decoder_is_its_own_resumable_stage(tiny_store, tmp_path):
     assert decoder(tokens).shape == (2, 3, 16 * 4, 16 * 4)  # a 4x4 grid decodes to 64 px
 
 
-def test_delta_model_starts_as_copy_last_and_keeps_per_token_magnitudes():
-    from wmlab.models.predictor import OutputScale
+def test_delta_model_starts_as_copy_last_and_learns_at_once():
     from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
 
     small = {"depth": 1, "heads": 2, "dim_head": 4, "mlp_dim": 8, "dropout": 0.0}
     delta = LatentWorldModel(
         WorldModelConfig(visual_dim=6, num_visual_tokens=4, predict_delta=True, predictor=small)
     )
-    assert isinstance(delta.predictor.norm, OutputScale)  # a LayerNorm would force unit-variance deltas
     z = torch.randn(2, 3, 4, delta.cfg.token_dim)
     torch.testing.assert_close(delta.predict(z), z)  # at init: the copy-last-frame model
+    # ... whose head gets a gradient at once, and can give some tokens a change and others none.
+    loss = (delta.predict(z) - z.roll(1, dims=2)).square().mean()
+    loss.backward()
+    assert delta.delta_head.weight.grad.abs().sum() > 0
     dino_wm = LatentWorldModel(WorldModelConfig(visual_dim=6, num_visual_tokens=4, predictor=small))
-    assert isinstance(dino_wm.predictor.norm, torch.nn.LayerNorm)  # DINO-WM's own output is unchanged
+    assert not hasattr(dino_wm, "delta_head")  # DINO-WM's own output is unchanged
+
+
+def test_the_optimizer_trains_every_parameter_of_the_model():
+    from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
+    from wmlab.train import make_optimizer
+
+    small = {"depth": 1, "heads": 2, "dim_head": 4, "mlp_dim": 8}
+    model = LatentWorldModel(
+        WorldModelConfig(visual_dim=6, num_visual_tokens=4, predict_delta=True, predictor=small)
+    )
+    optimizer = make_optimizer(model, {"predictor_lr": 1e-3, "action_encoder_lr": 2e-3})
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+    assert len(optimized) == sum(len(g["params"]) for g in optimizer.param_groups)  # each once

@@ -106,8 +106,13 @@ def model_config(cfg: dict, encoder, store: TrajectoryStore) -> WorldModelConfig
 
 
 def make_optimizer(model: LatentWorldModel, tcfg: dict) -> torch.optim.Optimizer:
+    embeddings = {id(p) for m in (model.action_encoder, model.proprio_encoder) for p in m.parameters()}
+    # Everything but the embeddings learns at the predictor's rate (the predictor, the delta head).
     groups = [
-        {"params": model.predictor.parameters(), "lr": float(tcfg["predictor_lr"])},
+        {
+            "params": [p for p in model.parameters() if id(p) not in embeddings],
+            "lr": float(tcfg["predictor_lr"]),
+        },
         {
             "params": [*model.action_encoder.parameters(), *model.proprio_encoder.parameters()],
             "lr": float(tcfg["action_encoder_lr"]),

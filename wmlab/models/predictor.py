@@ -26,9 +26,6 @@ class PredictorConfig:
     mlp_dim: int = 2048
     dropout: float = 0.1
     emb_dropout: float = 0.0
-    #: "layernorm" (DINO-WM) or "scale": a per-dimension scale and shift without the normalisation,
-    #: which the world model's delta mode uses (see ``OutputScale``).
-    output_norm: str = "layernorm"
 
 
 def block_causal_mask(num_frames: int, num_tokens: int, device=None) -> torch.Tensor:
@@ -121,23 +118,6 @@ class Block(nn.Module):
         return x + self.mlp(x)
 
 
-class OutputScale(nn.Module):
-    """LayerNorm's affine part without the normalisation: x * weight + bias, per dimension.
-
-    A final LayerNorm gives every token unit variance, so a model predicting the *change* of each
-    token cannot say "no change here, a change there": static background and the moving agent get
-    deltas of the same size. Scaling without normalising keeps per-token magnitudes.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight + self.bias
-
-
 class BlockCausalPredictor(nn.Module):
     """z (B, T, N, D) with T <= num_frames -> predicted next-frame tokens (B, T, N, D)."""
 
@@ -147,9 +127,7 @@ class BlockCausalPredictor(nn.Module):
         self.pos_embedding = nn.Parameter(torch.randn(1, cfg.num_frames * cfg.num_tokens, cfg.dim))
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        if cfg.output_norm not in ("layernorm", "scale"):
-            raise ValueError(f"output_norm must be 'layernorm' or 'scale', got {cfg.output_norm!r}")
-        self.norm = nn.LayerNorm(cfg.dim) if cfg.output_norm == "layernorm" else OutputScale(cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim)
         self.register_buffer("mask", block_causal_mask(cfg.num_frames, cfg.num_tokens), persistent=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -31,16 +31,14 @@ class WorldModelConfig:
     num_hist: int = 3
     num_pred: int = 1
     concat_dim: int = 1
-    #: False = DINO-WM (predict the next latent). True = predict the change from the current
-    #: latent, starting as the copy-last-frame model (zero-initialised output scale, and no final
-    #: LayerNorm: see ``OutputScale``); needed for tokens that barely move, such as raw pixels.
+    #: False = DINO-WM (predict the next latent). True = predict the change from the current latent
+    #: through a zero-initialised linear head on the predictor's output, so training starts at the
+    #: copy-last-frame model; needed for tokens that barely move, such as raw pixels (see README).
     predict_delta: bool = False
     predictor: dict = field(default_factory=dict)  # PredictorConfig fields except the derived ones
 
     def predictor_config(self) -> PredictorConfig:
         derived = {"num_frames": self.num_hist, "num_tokens": self.num_tokens, "dim": self.token_dim}
-        if self.predict_delta:
-            derived["output_norm"] = "scale"
         return PredictorConfig(**{**self.predictor, **derived})
 
     @property
@@ -74,9 +72,13 @@ class LatentWorldModel(nn.Module):
         self.proprio_encoder = nn.Linear(cfg.proprio_dim, cfg.proprio_emb_dim)
         self.predictor = BlockCausalPredictor(cfg.predictor_config())
         if cfg.predict_delta:
-            # Start exactly at "the next frame equals this one"; training learns the change.
-            nn.init.zeros_(self.predictor.norm.weight)
-            nn.init.zeros_(self.predictor.norm.bias)
+            # A full linear head, zero-initialised: training starts exactly at "the next frame equals
+            # this one" and can learn at once from the predictor's features. (Zeroing the final
+            # LayerNorm's scale instead starves the blocks of gradient, and a LayerNorm's output has
+            # unit variance per token, so it cannot say "no change here, a change there".)
+            self.delta_head = nn.Linear(cfg.token_dim, cfg.token_dim)
+            nn.init.zeros_(self.delta_head.weight)
+            nn.init.zeros_(self.delta_head.bias)
 
     # ------------------------------------------------------------------ token layout
     def embed(self, visual: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -120,7 +122,7 @@ class LatentWorldModel(nn.Module):
     def predict(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, T, N', D') with T <= num_hist -> next-frame predictions (B, T, N', D')."""
         out = self.predictor(z)
-        return z + out if self.cfg.predict_delta else out
+        return z + self.delta_head(out) if self.cfg.predict_delta else out
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Teacher-forced loss on a window batch: visual (B, H+1, N, Dv) tokens, proprio (B, H+1, P),
@@ -210,6 +212,6 @@ class LatentWorldModel(nn.Module):
                 cached = total
             else:
                 out = self.predictor.forward_last(history[:, -H:])  # (B, 1, N', D')
-            return history[:, -1:] + out if self.cfg.predict_delta else out
+            return history[:, -1:] + self.delta_head(out) if self.cfg.predict_delta else out
 
         return next_frame
