@@ -138,6 +138,13 @@ def test_decoder_is_its_own_resumable_stage(tiny_store, tmp_path):
     model, _ = load_run(run)
     tokens = torch.randn(2, model.cfg.num_visual_tokens, model.cfg.visual_dim)
     assert decoder(tokens).shape == (2, 3, 16 * 4, 16 * 4)  # a 4x4 grid decodes to 64 px
+    # What the model imagines, decoded: real and imagined rows for each validation window.
+    import imageio.v3 as iio
+
+    image = iio.imread(run / "decoded_rollout.png")
+    horizon = int(tiny_cfg(tiny_store, run)["training"]["rollout_eval_steps"])
+    assert image.shape[1] == 64 * horizon and image.shape[0] % (2 * 64) == 0
+    assert any("events" in p.name for p in (run / "tb").iterdir())
 
 
 def test_delta_model_starts_as_copy_last_and_learns_at_once():

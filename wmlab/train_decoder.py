@@ -142,7 +142,55 @@ def train_decoder(
                 "seconds": time.perf_counter() - started, "optimizer": opt_extra,
             })  # fmt: skip
     bar.close()
+    decoder.eval()
+    log_decoded_rollout(run_dir, decoder, store, cache, encoder, dev, step, size)
     return run_dir / "decoder.safetensors"
+
+
+@torch.no_grad()
+def log_decoded_rollout(run_dir: Path, decoder, store, cache, encoder, dev, step: int, size: int, n: int = 4):
+    """What the model imagines: an open-loop rollout of ``n`` validation windows decoded to pixels,
+    beside the real frames (rows: real, imagined per window), to TensorBoard ``rollout/decoded``
+    and ``<run>/decoded_rollout.png``."""
+    import imageio.v3 as iio
+
+    from wmlab.data.normalization import NormalizationStats
+    from wmlab.data.windows import WindowDataset, WindowSpec
+    from wmlab.train import _tensorboard, load_run
+
+    model, cfg = load_run(run_dir, device=dev)
+    stats = NormalizationStats.load(run_dir / "normalization.json")
+    H, horizon = model.cfg.num_hist, int(cfg["training"].get("rollout_eval_steps", 5) or 5)
+    spec = WindowSpec(num_hist=H, num_pred=horizon, frameskip=int(cfg["frameskip"]))
+    _, val_ids = split_episodes(store.committed, float(cfg["split_ratio"]), int(cfg["split_seed"]))
+    try:
+        windows = WindowDataset(
+            store, val_ids if len(val_ids) else store.committed, spec, stats, None, drop_short=True
+        )
+    except ValueError:
+        return  # episodes too short for a rollout window: nothing to show
+    ids = np.linspace(0, len(windows) - 1, num=min(n, len(windows))).astype(int)
+    batch = windows.get_batch(ids)
+    frames = torch.as_tensor(batch["visual"]).to(dev)  # (n, H+K, Hpx, Wpx, 3) uint8
+    B, F_ = frames.shape[:2]
+    tokens = encoder.encode(frames.reshape(B * F_, *frames.shape[2:])).float()  # (n*(H+K), N, D)
+    tokens = tokens.reshape(B, F_, *tokens.shape[1:])  # (n, H+K, N, D)
+    proprio = torch.as_tensor(batch["proprio"]).to(dev)
+    actions = torch.as_tensor(batch["actions"]).to(dev)
+    out = model.rollout(tokens[:, :H], proprio[:, :H], actions[:, : H + horizon - 1])
+    imagined = decoder(out["visual"][:, H:].reshape(B * horizon, *tokens.shape[2:]))  # (n*K, 3, s, s)
+    real = _frames_to_targets(frames[:, H:].reshape(B * horizon, *frames.shape[2:]), size)
+    rows = []
+    for b in range(B):  # real row, then imagined row, per window
+        for images in (real, imagined):
+            row = images[b * horizon : (b + 1) * horizon]  # (K, 3, s, s) in [-1, 1]
+            rows.append(torch.cat(list(row), dim=2))  # (3, s, K*s)
+    grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).byte().cpu()  # (3, 2n*s, K*s)
+    iio.imwrite(run_dir / "decoded_rollout.png", grid.permute(1, 2, 0).numpy())
+    writer = _tensorboard(run_dir)
+    if writer is not None:
+        writer.add_image("rollout/decoded", grid, step)
+        writer.close()
 
 
 def load_decoder(run_dir: str | Path, device="cpu") -> LatentDecoder:
