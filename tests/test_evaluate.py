@@ -153,3 +153,37 @@ def test_plan_verb_random_and_oracle_baselines(tmp_path):
 def test_plan_verb_needs_a_model_for_model_planners(tmp_path):
     with pytest.raises(ValueError, match="needs a world model"):
         run("plan", "planner=mpc_cem", f"out={tmp_path}", "n_evals=1", "progress=false")
+
+
+def test_an_imported_dino_wm_checkpoint_plans_end_to_end(tmp_path):
+    from tests_paths import DINO_WM_POINT_MAZE, FIXTURES
+
+    run = FIXTURES / "dino_wm" / "outputs" / "tiny_point_maze_a"
+    if not run.is_dir():
+        pytest.skip(f"DINO-WM fixture not found at {run}")
+    from wmlab.encoders import make_encoder
+    from wmlab.evaluate import resolve_run
+    from wmlab.planning import make_planner
+    from wmlab.planning.objectives import Objective
+    from wmlab.planning.planning_model import PlanningModel
+    from wmlab.planning.policies import WorldModelPolicy
+
+    imported = resolve_run(run, tmp_path / "imported")  # a DINO-WM run is converted first
+    with pytest.raises(ValueError, match="normalisation"):
+        PlanningModel.from_run(imported)  # DINO-WM keeps no statistics: they come from its dataset
+    # The fixture's model reads 4 tokens x 8 dims (it was made with an identity encoder): a tiny
+    # random ViT of that token shape stands in for the DINOv2 that cannot be downloaded here.
+    encoder = make_encoder("random_vit", input_size=32, patch_size=16, dim=8, depth=1, heads=2)
+    model = PlanningModel.from_run(imported, data=DINO_WM_POINT_MAZE, encoder=encoder)
+    env = make_env("point_maze", img_size=32)
+    protocol = Protocol(max_steps=20, n_taken_actions=2, frameskip=model.frameskip)
+    planner = make_planner("cem", horizon=2, samples=8, topk=3, opt_steps=2)
+    policy = WorldModelPolicy(model, planner, Objective(), horizon=2, n_taken_actions=2)
+    starts, goals, seeds = random_state_pairs(env, 2, 99)
+    rows, _ = evaluate_policy(
+        policy, env, starts, goals, seeds, protocol, tmp_path / "plan", n_videos=1
+    )
+    assert [r["steps_used"] for r in rows] == [20, 20] and all(r["n_plans"] == 2 for r in rows)
+    assert policy.last_results[0].actions.shape == (2, 2, 10)  # (B, T, frameskip x 2)
+    assert (tmp_path / "plan" / "summary.json").is_file()
+    env.close()

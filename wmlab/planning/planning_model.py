@@ -50,12 +50,12 @@ class PlanningModel:
                 "DINO-WM run with `wmlab import-dino-wm <ckpt_base_path>/outputs/<model_name>`."
             )
         model, cfg = load_run(run_dir, device=device)
+        stats = cls._stats(run_dir, cfg, data)  # first: a missing dataset is the cheaper mistake to report
         if encoder is None:
             enc_cfg = dict(cfg["encoder"])
             if encoder_weights is not None:
                 enc_cfg["weights"] = encoder_weights
             encoder = build_encoder(enc_cfg, torch.device(device))
-        stats = cls._stats(run_dir, cfg, data)
         return cls(model, encoder.to(device), stats, int(cfg["frameskip"]), device)
 
     @staticmethod
