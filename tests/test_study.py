@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from omegaconf import OmegaConf
@@ -47,9 +48,19 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def finished_study(tiny_store, tmp_path_factory):
+def study_store(tiny_store, tmp_path_factory):
+    """A private copy of the tiny dataset: a study writes feature caches beside its dataset."""
+    from wmlab.data.store import TrajectoryStore
+
+    copy = tmp_path_factory.mktemp("study_data") / "tiny.zarr"
+    shutil.copytree(tiny_store.path, copy)
+    return TrajectoryStore(copy)
+
+
+@pytest.fixture(scope="module")
+def finished_study(study_store, tmp_path_factory):
     study_dir = tmp_path_factory.mktemp("study")
-    return run_study(study_cfg(tiny_store, study_dir))
+    return run_study(study_cfg(study_store, study_dir))
 
 
 def test_study_writes_long_results_failures_and_report(finished_study):
@@ -75,14 +86,14 @@ def test_study_writes_long_results_failures_and_report(finished_study):
     assert list((finished_study / "videos").glob("pixels__seed0__mpc_cem/*.gif"))
 
 
-def test_rerunning_a_study_skips_finished_cells(finished_study, tiny_store):
+def test_rerunning_a_study_skips_finished_cells(finished_study, study_store):
     summaries = sorted((finished_study / "cells").glob("*/summary.json"))
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
     weights = {p: p.stat().st_mtime_ns for p in (finished_study / "runs").glob("*/model.safetensors")}
     # An "interrupted" study: one evaluation's result is gone; only that cell runs again.
     lost = finished_study / "cells" / "pixels__seed0__mpc_cem"
     (lost / "summary.json").unlink()
-    run_study(study_cfg(tiny_store, finished_study))
+    run_study(study_cfg(study_store, finished_study))
     assert (lost / "summary.json").is_file()
     for path, stamp in stamps.items():
         if path.parent != lost:
@@ -92,8 +103,8 @@ def test_rerunning_a_study_skips_finished_cells(finished_study, tiny_store):
     assert len(read_jsonl(finished_study / "results" / "episodes.jsonl")) == 9
 
 
-def test_one_cell_at_a_time_then_merge(tiny_store, tmp_path):
-    cfg = study_cfg(tiny_store, tmp_path, encoders=["pixels"], baselines=[])
+def test_one_cell_at_a_time_then_merge(study_store, tmp_path):
+    cfg = study_cfg(study_store, tmp_path, encoders=["pixels"], baselines=[])
     run_study({**cfg, "cell": "pixels__seed0"})
     assert (tmp_path / "cells" / "pixels__seed0__mpc_cem" / "summary.json").is_file()
     assert not (tmp_path / "report").exists()  # a cell job does not merge
