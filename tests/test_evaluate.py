@@ -180,9 +180,7 @@ def test_an_imported_dino_wm_checkpoint_plans_end_to_end(tmp_path):
     planner = make_planner("cem", horizon=2, samples=8, topk=3, opt_steps=2)
     policy = WorldModelPolicy(model, planner, Objective(), horizon=2, n_taken_actions=2)
     starts, goals, seeds = random_state_pairs(env, 2, 99)
-    rows, _ = evaluate_policy(
-        policy, env, starts, goals, seeds, protocol, tmp_path / "plan", n_videos=1
-    )
+    rows, _ = evaluate_policy(policy, env, starts, goals, seeds, protocol, tmp_path / "plan", n_videos=1)
     assert [r["steps_used"] for r in rows] == [20, 20] and all(r["n_plans"] == 2 for r in rows)
     assert policy.last_results[0].actions.shape == (2, 2, 10)  # (B, T, frameskip x 2)
     assert (tmp_path / "plan" / "summary.json").is_file()
