@@ -117,6 +117,20 @@ def load_training_checkpoint(path: Path, module: torch.nn.Module, optimizer, opt
     optimizer_from_tensors(optimizer, opt_tensors, opt_extra)
 
 
+def resumable_run(meta_path: Path, ckpt_path: Path, config: dict, what: str) -> dict | None:
+    """The JSON of a training run to resume (its checkpoint and JSON both exist), or None for a fresh
+    start. A run of another ``config`` is refused: resuming it would silently mix two models."""
+    if not (meta_path.is_file() and ckpt_path.is_file()):
+        return None
+    meta = read_json(meta_path)
+    if meta.get("config") != config:
+        raise ValueError(
+            f"{meta_path.parent} holds {what} with another config {meta.get('config')} (now {config}); "
+            "use another out= or delete the directory to start over"
+        )
+    return meta
+
+
 def versions() -> dict:
     import numpy
 

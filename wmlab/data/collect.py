@@ -74,6 +74,32 @@ def _worker_collect(index: int, seed: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- driver
+def run_episode_jobs(
+    todo, seeds, workers: int, init, initargs: tuple, collect_one, commit, inline_kwargs=None
+):
+    """Run ``collect_one(slot, seed)`` for every slot in ``todo``: in this process when ``workers <= 1``
+    (after ``init(*initargs, **inline_kwargs)``), else in spawned worker processes (``init`` runs once
+    in each; spawn gives every worker a fresh GL / game state). ``commit(*result)`` runs here as each
+    episode finishes, so only this process writes the commit index; on any error the pending jobs
+    are cancelled and the error propagates.
+    """
+    if workers <= 1:
+        init(*initargs, **(inline_kwargs or {}))
+        for index in todo:
+            commit(*collect_one(index, int(seeds[index])))
+        return
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=init, initargs=initargs) as pool:
+        futures = [pool.submit(collect_one, i, int(seeds[i])) for i in todo]
+        try:
+            for future in cf.as_completed(futures):
+                commit(*future.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def collect(
     out: str | Path,
     env: str = "point_maze",
@@ -111,24 +137,10 @@ def collect(
         bar.update(1)
 
     try:
-        if workers <= 1:
-            _worker_init(str(out), env, env_kwargs, policy, episode_len)
-            for index in todo:
-                commit(*_worker_collect(index, int(seeds[index])))
-        else:
-            context = multiprocessing.get_context("spawn")  # a fresh GL state in every worker
-            with cf.ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_worker_init,
-                initargs=(str(out), env, env_kwargs, policy, episode_len),
-            ) as pool:  # fmt: skip
-                futures = [pool.submit(_worker_collect, i, int(seeds[i])) for i in todo]
-                try:
-                    for future in cf.as_completed(futures):
-                        commit(*future.result())
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+        run_episode_jobs(
+            todo, seeds, workers, _worker_init, (str(out), env, env_kwargs, policy, episode_len),
+            _worker_collect, commit,
+        )  # fmt: skip
     except KeyboardInterrupt:
         bar.close()
         raise KeyboardInterrupt(

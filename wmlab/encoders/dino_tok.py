@@ -310,7 +310,7 @@ def train_tokenizer(
     from wmlab.runs import (
         atomic_save_tensors,
         load_training_checkpoint,
-        read_json,
+        resumable_run,
         save_training_checkpoint,
         versions,
         write_json,
@@ -367,13 +367,8 @@ def train_tokenizer(
 
     step, history, seconds = 0, [], 0.0
     meta_path, ckpt_path = out / CONFIG_FILE, out / CHECKPOINT_FILE
-    if meta_path.is_file() and ckpt_path.is_file():
-        meta = read_json(meta_path)
-        if meta.get("config") != asdict(cfg):
-            raise ValueError(
-                f"{out} holds a tokenizer with another config {meta.get('config')} (now {asdict(cfg)}); "
-                "use another out= or delete the directory to start over"
-            )
+    meta = resumable_run(meta_path, ckpt_path, asdict(cfg), "a tokenizer")
+    if meta is not None:
         if meta["dinov2"]["sha256"] != dino_meta["sha256"]:
             raise ValueError(f"{out} was trained on other DINOv2 weights ({meta['dinov2']['weights']})")
         load_training_checkpoint(ckpt_path, head, optimizer, meta["optimizer"])

@@ -309,7 +309,7 @@ def train_rnn(
     from wmlab.runs import (
         atomic_save_tensors,
         load_training_checkpoint,
-        read_json,
+        resumable_run,
         save_training_checkpoint,
         versions,
         write_json,
@@ -342,13 +342,8 @@ def train_rnn(
 
     step, history, seconds = 0, [], 0.0
     meta_path, ckpt_path = out / CONFIG_FILE, out / CHECKPOINT_FILE
-    if meta_path.is_file() and ckpt_path.is_file():
-        meta = read_json(meta_path)
-        if meta.get("config") != asdict(cfg):
-            raise ValueError(
-                f"{out} holds an MDN-RNN with another config {meta.get('config')} (now {asdict(cfg)}); "
-                "use another out= or delete the directory to start over"
-            )
+    meta = resumable_run(meta_path, ckpt_path, asdict(cfg), "an MDN-RNN")
+    if meta is not None:
         load_training_checkpoint(ckpt_path, model, optimizer, meta["optimizer"])
         step, history, seconds = int(meta["step"]), meta.get("history", []), float(meta.get("seconds", 0))
 

@@ -17,14 +17,12 @@ of 100 frames or fewer), so slot i's content depends only on (seed, i).
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing
 import time
 from pathlib import Path
 
 import numpy as np
 
-from wmlab.data.collect import episode_seed
+from wmlab.data.collect import episode_seed, run_episode_jobs
 from wmlab.data.errors import DatasetError
 from wmlab.data.store import StoreSpec, TrajectoryStore, jsonable
 from wmlab.worldmodels.envs import FRAME, env_class, make_wm_env
@@ -216,26 +214,12 @@ def collect_rollouts(
 
     args = (str(out), wm_env, env_kwargs, policy, policy_kwargs, max_steps, min_len)
     try:
-        if workers <= 1 or len(todo) <= 1:
-            import torch
+        import torch
 
-            threads = torch.get_num_threads()
-            _worker_init(*args, threads=threads)
-            for index in todo:
-                commit(*_worker_collect(index, int(seeds[index])))
-        else:
-            context = multiprocessing.get_context("spawn")  # a fresh GL/Doom state in every worker
-            with cf.ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_worker_init, initargs=args
-            ) as pool:
-                futures = [pool.submit(_worker_collect, i, int(seeds[i])) for i in todo]
-                try:
-                    for future in cf.as_completed(futures):
-                        commit(*future.result())
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+        run_episode_jobs(
+            todo, seeds, workers if len(todo) > 1 else 1, _worker_init, args, _worker_collect, commit,
+            inline_kwargs={"threads": torch.get_num_threads()},
+        )  # fmt: skip
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
             f"collection interrupted: {len(store)}/{n_episodes} episodes are complete in {out}; "
