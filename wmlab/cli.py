@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -213,9 +214,9 @@ def _study(cfg: DictConfig):
 def _demo(cfg: DictConfig):
     from wmlab.study import run_study
 
-    started = __import__("time").perf_counter()
+    started = time.perf_counter()
     out = run_study({**OmegaConf.to_container(cfg, resolve=True), "command": _study_command("demo")})
-    print(f"demo finished in {(__import__('time').perf_counter() - started) / 60:.1f} min")
+    print(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min")
     _print_report(out)
 
 

@@ -25,6 +25,7 @@ as separate jobs (see README); a final run without ``cell`` merges and reports.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -70,14 +71,16 @@ class Study:
                 "seeds": list(cfg["seeds"]),
                 "planners": list(cfg["planners"]),
                 "baselines": list(cfg["baselines"]),
-                "protocol": self.protocol(),
+                "protocol": self.protocol,
                 "train_overrides": list(cfg["train"]),
                 "command": cfg.get("command") or "wmlab study",
             }
         )
         write_json(self.dir / "study.json", self.info)
 
+    @functools.cached_property
     def protocol(self) -> dict:
+        """The evaluation protocol every cell shares (composed once: ``save_info`` runs after each stage)."""
         plan = self.plan_cfg((self.cfg["planners"] or ["mpc_cem"])[0], self.dir / "unused")
         return {k: plan[k] for k in ("max_steps", "max_iter", "goal_source", "goal_H", "n_evals", "seed")} | {
             "objective": plan["objective"]
