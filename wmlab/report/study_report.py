@@ -368,7 +368,9 @@ def build_report(study_dir: str | Path) -> dict[str, Path]:
         ValueError naming file and line for malformed rows.
     """
     study_dir = Path(study_dir)
-    study = _read_json(study_dir / "study.json", "study description")
+    study = _read_json(
+        study_dir / "study.json", "study description (is this a directory written by `wmlab study`?)"
+    )
     results = study_dir / "results"
     episodes_path = results / "episodes.jsonl"
     if not episodes_path.is_file():
