@@ -23,6 +23,7 @@ from wmlab.data.normalization import NormalizationStats
 from wmlab.data.store import TrajectoryStore, jsonable
 from wmlab.data.windows import WindowDataset, WindowSpec, make_datasets
 from wmlab.encoders import make_encoder
+from wmlab.integrity import UserError
 from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
 from wmlab.runs import (
     atomic_save_tensors,
@@ -37,7 +38,7 @@ from wmlab.runs import (
 )
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (NaN loss, mismatched resume); the message says what to do."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wmlab.integrity import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset is missing, truncated, inconsistent or does not fit the request."""
