@@ -124,6 +124,40 @@ def write_key(directory: Path, key: dict) -> None:
     atomic_write_text(Path(directory) / "key.json", json.dumps(key, indent=1, sort_keys=True, default=str))
 
 
+# ------------------------------------------------------------------------------ fault injection
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(label: str) -> None:
+    """A named write boundary, where the fault-injection tests and campaign can strike.
+
+    ``WMLAB_FAULT_LOG=<file>`` appends every label reached (to enumerate the boundaries of a run).
+    ``WMLAB_FAULT=<substring>:<n>`` SIGKILLs this process at the n-th (1-based) boundary whose label
+    contains the substring; ``WMLAB_FAULT=enospc:<substring>:<n>`` raises "No space left on device"
+    there instead. Unset (always, outside tests), it costs one environment lookup.
+    """
+    log, spec = os.environ.get("WMLAB_FAULT_LOG"), os.environ.get("WMLAB_FAULT")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {label}\n")
+    if not spec:
+        return
+    mode, _, rest = spec.partition(":") if spec.startswith("enospc:") else ("kill", "", spec)
+    needle, _, nth = rest.rpartition(":")
+    if needle not in label:
+        return
+    _FAULT_COUNTS[needle] = _FAULT_COUNTS.get(needle, 0) + 1
+    if _FAULT_COUNTS[needle] != int(nth or 1):
+        return
+    if mode == "enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", label)
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ------------------------------------------------------------------------------ atomic writes
 def unique_tmp(path: str | Path) -> Path:
     """A temp path beside ``path``, unique to this writer: ``.<name>.<pid>.<random>.partial``."""
@@ -155,6 +189,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
+        fault_point(f"before-rename:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -162,6 +197,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
         raise
     if fsync:
         fsync_dir(path.parent)
+    fault_point(f"after-rename:{path.name}")
 
 
 def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> None:
@@ -181,6 +217,7 @@ def atomic_write_with(path: str | Path, write, fsync: bool = True) -> None:
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        fault_point(f"before-rename:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -188,6 +225,7 @@ def atomic_write_with(path: str | Path, write, fsync: bool = True) -> None:
         raise
     if fsync:
         fsync_dir(path.parent)
+    fault_point(f"after-rename:{path.name}")
 
 
 def clean_partials(directory: str | Path, recursive: bool = False) -> int:
