@@ -160,25 +160,74 @@ def test_sampling_divides_logits_by_tau_and_scales_noise_by_sqrt_tau():
     assert z.std().item() == pytest.approx(0.5, abs=0.01)  # std 1 * sqrt(0.25)
 
 
-def test_sequence_sampler_windows_masks_and_resamples_z():
-    rng = np.random.default_rng(0)
-    starts = np.array([0, 5, 8])  # episodes of 5 and 3 frames
-    data = {
-        "mu": rng.standard_normal((8, 2)).astype(np.float32),
-        "logvar": np.full((8, 2), -20, np.float32),
-        "actions": np.arange(8, dtype=np.float32)[:, None],
-        "dones": np.array([0, 0, 0, 0, 1, 0, 0, 1], np.float32),
+def _packed(lengths, seed=0, nz=2):
+    """Packed latents of episodes of ``lengths`` frames; actions = the row index, done = 1 at each end."""
+    rng = np.random.default_rng(seed)
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    F = int(starts[-1])
+    dones = np.zeros(F, np.float32)
+    dones[starts[1:] - 1] = 1
+    return {
+        "mu": rng.standard_normal((F, nz)).astype(np.float32),
+        "logvar": np.full((F, nz), -20, np.float32),
+        "actions": np.arange(F, dtype=np.float32)[:, None],
+        "dones": dones,
         "starts": starts,
     }
-    batch = SequenceSampler(data, seq_len=6).batch(16, rng)
-    for i in range(16):
+
+
+def test_sequence_sampler_windows_masks_and_resamples_z():
+    data = _packed([5, 3, 12])
+    rng = np.random.default_rng(0)
+    batch = SequenceSampler(data, seq_len=6).batch(64, rng)
+    assert batch["z"].shape[1] <= 6
+    ends = set((data["starts"][1:] - 1).tolist())
+    for i in range(64):
         n = int(batch["mask_done"][i].sum())
+        assert n >= 1 and batch["mask_done"][i, :n].all()  # valid steps first, padding after
         first = int(batch["a"][i, 0, 0])
-        assert n in (5, 3) and first in (0, 5)
-        assert batch["mask_z"][i].sum() == n - 1  # the last step has no next frame
-        rows = slice(first, first + n)
+        rows = np.arange(first, first + n)
+        np.testing.assert_array_equal(batch["a"][i, :n, 0].numpy(), rows)  # one episode, in order
+        episode = np.searchsorted(data["starts"], rows, side="right") - 1
+        assert (episode == episode[0]).all()
+        last = int(rows[-1])
+        assert int(batch["mask_z"][i].sum()) == (n - 1 if last in ends else n)  # an end has no next frame
         torch.testing.assert_close(batch["z"][i, :n], torch.from_numpy(data["mu"][rows]), atol=1e-3, rtol=0)
-        assert batch["done"][i, n - 1] == 1
+        np.testing.assert_array_equal(batch["done"][i, :n].numpy(), data["dones"][rows])
+
+
+def test_sequence_sampler_makes_every_transition_an_equally_likely_target():
+    """Every row (ends included, episodes shorter and longer than T) is a target equally often."""
+    data = _packed([50, 7, 23, 12, 10])
+    sampler = SequenceSampler(data, seq_len=10)
+    rng = np.random.default_rng(1)
+    counts = np.zeros(len(data["dones"]))
+    for _ in range(40):
+        batch = sampler.batch(200, rng)
+        rows = batch["a"][..., 0][batch["mask_done"]].numpy().astype(int)
+        np.add.at(counts, rows, 1)
+    expected = counts.sum() / len(counts)
+    assert counts.sum() == pytest.approx(8000 * sampler.mean_window_steps, rel=0.03)
+    assert np.abs(counts / expected - 1).max() < 0.25, counts / expected  # ~6 sigma at ~750 per row
+
+
+def test_sequence_sampler_keeps_episode_ends_at_their_true_rate():
+    """Done targets in sampled windows come at the data's rate, also for episodes longer than seq_len.
+
+    (The old sampler started windows in [0, L - T), so the end of an episode longer than T was never a
+    target and the done rate in its windows was 0.)
+    """
+    lengths = [40, 60, 35, 80, 17, 120]
+    data = _packed(lengths, seed=2)
+    sampler = SequenceSampler(data, seq_len=16)
+    rng = np.random.default_rng(3)
+    targets = dones = 0
+    for _ in range(30):
+        batch = sampler.batch(200, rng)
+        targets += int(batch["mask_done"].sum())
+        dones += float((batch["done"] * batch["mask_done"]).sum())
+    rate, true_rate = dones / targets, data["dones"].mean()
+    assert rate == pytest.approx(true_rate, rel=0.15), (rate, true_rate)  # ~5 sigma at ~700 ends
 
 
 # ---------------------------------------------------------------------------------------------------- C
@@ -396,3 +445,68 @@ def test_encode_latents_packs_episodes_in_store_order_and_is_reused(tmp_path):
     np.testing.assert_allclose(data["mu"][L0 : L0 + L1], mu.detach().numpy(), atol=1e-5)
     first_mu, _ = initial_latents(data)
     np.testing.assert_allclose(first_mu[1], mu[0].detach().numpy(), atol=1e-5)
+
+
+def test_dream_with_per_candidate_seeds_gives_identical_candidates_different_dreams(tiny_models):
+    from wmlab.models.mdn_rnn import load_rnn
+    from wmlab.worldmodels.cmaes import rollout_seeds
+    from wmlab.worldmodels.dream import Dream
+
+    rnn = load_rnn(tiny_models["rnn"])
+    cfg = ControllerConfig(z_dim=4, hidden=8, out_dim=1, inputs="zch", bias=False)
+    params = np.repeat(np.random.default_rng(0).standard_normal((1, cfg.n_params)), 4, 0)  # 4 identical
+    with torch.no_grad():
+        rnn.head.bias[-1] = 0.0
+        rnn.head.weight[-1] = 0.0
+        rnn.head.weight[-1, :8] = 3.0  # done depends on h, so on the dream's noise
+    mu, logvar = np.random.default_rng(1).standard_normal((5, 4)), np.zeros((5, 4))
+    dream = Dream(rnn, mu, logvar, tau=1.15, max_steps=30, to_action=DodgeEnv.controller_to_action)
+    own = rollout_seeds(0, 0, 6, popsize=4)
+    assert own.shape == (4, 6) and len(np.unique(own)) == 24
+    shared = rollout_seeds(0, 0, 6)
+    assert shared.shape == (6,)
+    r_shared = dream.rollout(cfg, params, shared)["returns"]
+    assert (r_shared == r_shared[0]).all()  # common random numbers: identical candidates tie
+    r_own = dream.rollout(cfg, params, own)["returns"]
+    assert not (r_own == r_own[0]).all()  # own seeds: the same candidate meets other dreams
+    np.testing.assert_array_equal(r_own, dream.rollout(cfg, params, own)["returns"])  # seeded
+
+
+@pytest.mark.parametrize("common", [False, True])
+def test_cmaes_gives_each_candidate_its_own_rollout_seeds_unless_common(
+    common, tiny_models, tmp_path, monkeypatch
+):
+    from wmlab.worldmodels import cmaes
+
+    pytest.importorskip("cma")
+    seen = []
+    call = cmaes.DreamEvaluator.__call__
+
+    def spy(self, cfg, params, seeds):
+        seen.append((len(params), np.array(seeds)))
+        return call(self, cfg, params, seeds)
+
+    monkeypatch.setattr(cmaes.DreamEvaluator, "__call__", spy)
+    cmaes.train_controller(
+        tmp_path / "c",
+        vae=tiny_models["vae"],
+        rnn=tiny_models["rnn"],
+        latents=[tiny_models["latents"]],
+        wm_env="dodge",
+        popsize=6,
+        rollouts=3,
+        generations=2,
+        eval_every=5,
+        eval_rollouts=2,
+        max_steps=10,
+        common_seeds=common,
+        progress=False,
+    )
+    train = [s for p, s in seen if p == 6]
+    assert len(train) == 2
+    for seeds in train:
+        if common:
+            assert seeds.shape == (3,)
+        else:
+            assert seeds.shape == (6, 3) and len(np.unique(seeds)) == 18
+    assert not np.array_equal(train[0], train[1])  # new seeds every generation

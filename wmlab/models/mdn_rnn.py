@@ -205,55 +205,77 @@ def load_rnn(path, device: str | torch.device = "cpu") -> MDNRNN:
 
 
 class SequenceSampler:
-    """Random windows of ``seq_len`` transitions inside episodes of packed latent arrays.
+    """Random windows of at most ``seq_len`` transitions inside episodes of packed latent arrays.
 
     ``data``: dict with ``mu``, ``logvar`` (F, Nz), ``actions`` (F, A), ``dones`` (F,), ``starts`` (E + 1,)
-    (episode e is rows starts[e]:starts[e+1]). Window sampling is uniform over (episode, start) weighted by
-    episode length, so every transition is equally likely.
+    (episode e is rows starts[e]:starts[e+1]; its L frames are L transitions, the last one's next frame
+    is not stored).
+
+    Every transition is a loss target with the same probability, so episode ends are targets at their
+    true rate in the data. A window is drawn as (episode e, offset s) uniformly over
+    s in [-(T - 1), L_e - 1] (episode weight L_e + T - 1) and covers rows [max(s, 0), min(s + T, L_e)):
+    each transition t lies in exactly T of those windows (s = t - T + 1 .. t), whatever the episode's
+    length. A window cut by the episode start begins at the episode's first frame (where M's zero state
+    is the true one), one cut by the episode end is padded and masked; episodes shorter than T are
+    one cut window. Windows are stored left-aligned and the batch is trimmed to its longest window.
+
+    (The earlier sampler drew s in [0, L - T), so the last transition of an episode longer than T was
+    never a target: M never saw an episode end and the dream never ended.)
     """
 
     def __init__(self, data: dict[str, np.ndarray], seq_len: int) -> None:
         for key in ("mu", "logvar", "actions", "dones", "starts"):
             if key not in data:
                 raise KeyError(f"latent data lacks {key!r}")
+        if int(seq_len) < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.data = data
         self.seq_len = int(seq_len)
         starts = np.asarray(data["starts"], dtype=np.int64)
         self.starts, self.lengths = starts[:-1], np.diff(starts)
-        keep = self.lengths >= 2  # one transition needs two frames
+        keep = self.lengths >= 1
         if not keep.any():
-            raise ValueError("no episode has two or more frames: nothing to train M on")
+            raise ValueError("every episode is empty: nothing to train M on")
         self.starts, self.lengths = self.starts[keep], self.lengths[keep]
-        windows = np.maximum(self.lengths - self.seq_len, 1)  # start positions per episode
-        self.weights = windows * np.minimum(self.lengths, self.seq_len)
-        self.weights = self.weights / self.weights.sum()
+        self.offsets = self.lengths + self.seq_len - 1  # window offsets per episode
+        self.weights = self.offsets / self.offsets.sum()
 
     @property
     def transitions(self) -> int:
         return int(self.lengths.sum())
 
+    @property
+    def mean_window_steps(self) -> float:
+        """Expected targets per window: each transition lies in T of the sum(L + T - 1) windows."""
+        return self.transitions * self.seq_len / float(self.offsets.sum())
+
+    def windows(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> episode index (B,), first row within the episode (B,) and steps n (B,) of B windows."""
+        eps = rng.choice(len(self.starts), size=batch_size, p=self.weights)
+        s = rng.integers(0, self.offsets[eps]) - (self.seq_len - 1)  # (B,) in [-(T-1), L-1]
+        first = np.maximum(s, 0)
+        n = np.minimum(s + self.seq_len, self.lengths[eps]) - first  # (B,) >= 1
+        return eps, first, n
+
     def batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """-> z (B, T, Nz) resampled from mu/sigma, a (B, T, A), z_next (B, T, Nz), done (B, T),
-        mask_z, mask_done (B, T) bool, with T = seq_len (short episodes are padded and masked)."""
-        T, Nz = self.seq_len, self.data["mu"].shape[1]
-        A = self.data["actions"].shape[1]
-        eps = rng.choice(len(self.starts), size=batch_size, p=self.weights)
+        mask_z, mask_done (B, T) bool, with T = the longest window drawn (<= seq_len; shorter ones are
+        padded and masked)."""
+        Nz, A = self.data["mu"].shape[1], self.data["actions"].shape[1]
+        eps, first, steps = self.windows(batch_size, rng)
+        T = int(steps.max())
         mu = np.zeros((batch_size, T + 1, Nz), np.float32)
         logvar = np.zeros((batch_size, T + 1, Nz), np.float32)
         actions = np.zeros((batch_size, T, A), np.float32)
         done = np.zeros((batch_size, T), np.float32)
         mask_done = np.zeros((batch_size, T), bool)
         mask_z = np.zeros((batch_size, T), bool)
-        for i, e in enumerate(eps):
-            L = int(self.lengths[e])
-            s = int(rng.integers(0, max(L - T, 1)))
-            n = min(T, L - s)  # steps in this window (each has a done target)
-            rows = slice(self.starts[e] + s, self.starts[e] + s + n)
-            nz = min(n + 1, L - s)  # frames available: the next frame of the last step may not exist
-            frows = slice(self.starts[e] + s, self.starts[e] + s + nz)
-            mu[i, :nz], logvar[i, :nz] = self.data["mu"][frows], self.data["logvar"][frows]
-            actions[i, :n] = self.data["actions"][rows]
-            done[i, :n] = self.data["dones"][rows]
+        for i, (e, s, n) in enumerate(zip(eps, first, steps)):
+            L, row = int(self.lengths[e]), int(self.starts[e] + s)
+            nz = min(int(n) + 1, L - int(s))  # frames available: the last step's next frame may not exist
+            mu[i, :nz], logvar[i, :nz] = self.data["mu"][row : row + nz], self.data["logvar"][row : row + nz]
+            actions[i, :n] = self.data["actions"][row : row + n]
+            done[i, :n] = self.data["dones"][row : row + n]
             mask_done[i, :n] = True
             mask_z[i, : nz - 1] = True
         z = mu + np.exp(0.5 * logvar) * rng.standard_normal(mu.shape, dtype=np.float32)  # (B, T+1, Nz)
@@ -298,8 +320,8 @@ def train_rnn(
         out: output directory (``rnn.safetensors``, ``rnn.json``, ``checkpoint.safetensors``, ``tb/``).
         hidden, n_mix, done_head, done_input, done_pos_weight: architecture (``MDNRNNConfig``).
         seq_len: window length in transitions (Car: 999 = full episodes; Doom: 500-step chunks).
-        steps / epochs: length of training; ``epochs`` (passes over all transitions in windows of seq_len)
-            wins when given.
+        steps / epochs: length of training; ``epochs`` (expected passes over all transitions, counting the
+            targets that the sampler's windows hold on average) wins when given.
         lr, lr_decay, min_lr: Adam; lr multiplied by ``lr_decay`` every step, floored at ``min_lr``.
         grad_clip: gradient value clip (reference: 1.0).
     """
@@ -327,7 +349,8 @@ def train_rnn(
         done_pos_weight=float(done_pos_weight),
     )
     if epochs is not None:
-        total = max(1, math.ceil(float(epochs) * sampler.transitions / (seq_len * batch_size)))
+        per_batch = sampler.mean_window_steps * batch_size  # expected transitions per batch
+        total = max(1, math.ceil(float(epochs) * sampler.transitions / per_batch))
     elif steps is not None:
         total = int(steps)
     else:

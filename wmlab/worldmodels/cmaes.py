@@ -1,7 +1,8 @@
 """Train C with CMA-ES (pycma): in the real env (parallel rollout workers) or in M's dream (one batch).
 
-Per generation: ``popsize`` candidates (paper: 64) each run ``rollouts`` episodes (paper: 16) on the same
-seeds (common random numbers), fitness = mean return - ``l2_coef`` * mean(w^2) (reference: 0.01); CMA-ES
+Per generation: ``popsize`` candidates (paper: 64) each run ``rollouts`` episodes (paper: 16) on seeds of
+their own (as the reference; ``common_seeds=True`` shares one set of seeds among all candidates instead:
+common random numbers), fitness = mean return - ``l2_coef`` * mean(w^2) (reference: 0.01); CMA-ES
 starts at ``x0`` (zeros) with sigma0 = 0.1. Every ``eval_every`` generations the current mean is scored on
 ``eval_rollouts`` fixed seeds (paper: 1024 every 25); the best-scoring mean is the saved controller.
 
@@ -38,9 +39,12 @@ JSON_FILE = "controller.json"
 EVAL_SEED_OFFSET = 10_000_019  # evaluation seeds never coincide with training seeds
 
 
-def rollout_seeds(seed: int, generation: int, n: int) -> np.ndarray:
-    """n env/dream seeds for one generation (shared by all candidates)."""
-    return np.random.SeedSequence([int(seed), int(generation)]).generate_state(n) % (2**31 - 1)
+def rollout_seeds(seed: int, generation: int, n: int, popsize: int | None = None) -> np.ndarray:
+    """Env/dream seeds of one generation: (n,) shared by all candidates when ``popsize`` is None, else
+    (popsize, n), every candidate its own."""
+    count = n if popsize is None else int(popsize) * n
+    seeds = np.random.SeedSequence([int(seed), int(generation)]).generate_state(count) % (2**31 - 1)
+    return seeds if popsize is None else seeds.reshape(int(popsize), n)
 
 
 def eval_seeds(seed: int, n: int) -> np.ndarray:
@@ -49,7 +53,7 @@ def eval_seeds(seed: int, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluators: params (P, n) x seeds (R,) -> returns (P, R)
+# Evaluators: params (P, n) x seeds (R,) shared or (P, R) per candidate -> returns (P, R)
 
 
 class DreamEvaluator:
@@ -152,14 +156,20 @@ class RealEvaluator:
 
     def __call__(self, cfg: ControllerConfig, params: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         params = np.atleast_2d(np.asarray(params, np.float32))
-        P, R = len(params), len(seeds)
+        P = len(params)
+        seeds = np.asarray(seeds, np.int64)
+        seeds = np.broadcast_to(seeds, (P, seeds.shape[-1])) if seeds.ndim == 1 else seeds  # (P, R)
+        if seeds.shape[0] != P:
+            raise ValueError(f"seeds {seeds.shape} must be (R,) or (P={P}, R)")
+        R = seeds.shape[1]
         jobs = [(p, r) for p in range(P) for r in range(R)]
         returns = np.zeros((P, R))
         if self.pool is None:
-            results = [_real_worker_run(cfg.to_dict(), params[p], int(seeds[r])) for p, r in jobs]
+            results = [_real_worker_run(cfg.to_dict(), params[p], int(seeds[p, r])) for p, r in jobs]
         else:
             futures = [
-                self.pool.submit(_real_worker_run, cfg.to_dict(), params[p], int(seeds[r])) for p, r in jobs
+                self.pool.submit(_real_worker_run, cfg.to_dict(), params[p], int(seeds[p, r]))
+                for p, r in jobs
             ]
             results = [f.result() for f in futures]
         for (p, r), (ret, steps) in zip(jobs, results):
@@ -235,6 +245,7 @@ def train_controller(
     eval_rollouts: int = 1024,
     max_steps: int | None = None,
     sample_z: bool = True,
+    common_seeds: bool = False,
     x0=None,
     workers: int = 2,
     seed: int = 0,
@@ -250,6 +261,8 @@ def train_controller(
         temperature: tau of the dream. max_steps: episode cap (default: the env's).
         inputs, bias, mlp_hidden: controller shape (``ControllerConfig``).
         popsize, rollouts, sigma0, generations, l2_coef: CMA-ES (paper: 64, 16, 0.1, -, 0.01).
+        common_seeds: all candidates of a generation on the same ``rollouts`` seeds (common random
+            numbers) instead of seeds of their own (the reference).
         eval_every, eval_rollouts: score the mean every k generations over n fixed seeds (training's env).
         x0: start point: None (zeros) or a controller file/dir (the iterative procedure continues from it).
         workers: real-env rollout processes. seed: everything random derives from it.
@@ -294,6 +307,7 @@ def train_controller(
         "l2_coef": l2_coef,
         "max_steps": max_steps,
         "sample_z": sample_z,
+        "common_seeds": bool(common_seeds),
         "seed": seed,
         "eval_every": eval_every,
         "eval_rollouts": eval_rollouts,
@@ -421,7 +435,8 @@ def train_controller(
         for g in range(done, generations):
             started = time.perf_counter()
             X = _ask(es, seed, g)  # (P, n)
-            returns = evaluator(cfg, X.astype(np.float32), rollout_seeds(seed, g, rollouts))  # (P, R)
+            seeds = rollout_seeds(seed, g, rollouts, None if common_seeds else popsize)  # (R,) or (P, R)
+            returns = evaluator(cfg, X.astype(np.float32), seeds)  # (P, R)
             fitness = returns.mean(1) - l2_coef * (X**2).mean(1)
             if not np.isfinite(fitness).all():
                 raise FloatingPointError(f"generation {g + 1}: non-finite fitness {fitness}")

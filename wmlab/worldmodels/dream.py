@@ -7,8 +7,9 @@ episode ends when M's done head says P(done) > 0.5 or at ``max_steps`` (2100 for
 looking at only (``Dream.rollout(record=True)`` + the VAE decoder).
 
 ``Dream.rollout`` runs a whole population x rollouts at once: (P, R) dreams as one batch of P * R through
-the LSTM, which is what makes dream training cheap. All P candidates see the same R starting frames and the
-same random numbers (common random numbers), so they are ranked on equal terms.
+the LSTM, which is what makes dream training cheap. Seeds (P, R) give every candidate its own dreams (the
+reference); seeds (R,) make all P candidates see the same R starting frames and random numbers (common
+random numbers).
 ``DreamEnv`` is the same dream behind the gymnasium API (one episode at a time).
 """
 
@@ -62,22 +63,36 @@ class Dream:
 
     @torch.no_grad()
     def rollout(self, cfg: ControllerConfig, params, seeds, *, record: bool = False) -> dict:
-        """Dream P candidates x R seeds. params (P, n); seeds (R,) ints.
+        """Dream P candidates x R rollouts. params (P, n); seeds (P, R) ints (every candidate its own
+        dreams, as the reference's CMA-ES) or (R,) (all candidates share the R dreams: common random
+        numbers, the same starting frames and noise, so candidates are ranked on equal terms).
 
         Returns {"returns": (P, R), "steps": (P, R)} float arrays (+ "z": (T, Nz) of dream [0, 0] if record).
         """
         params = torch.as_tensor(np.asarray(params, np.float32), device=self.device)
         if params.ndim == 1:
             params = params[None]
-        seeds = [int(s) for s in np.asarray(seeds).reshape(-1)]
-        P, R, Nz = params.shape[0], len(seeds), self.rnn.cfg.z_dim
+        seeds = np.asarray(seeds, dtype=np.int64)
+        P, Nz = params.shape[0], self.rnn.cfg.z_dim
+        shared = seeds.ndim == 1
+        if not shared and seeds.shape[0] != P:
+            raise ValueError(f"seeds {seeds.shape} must be (R,) or (P={P}, R)")
+        R = seeds.shape[-1]
         B = P * R
-        # one stream for the whole batch: dream r depends on (seeds, r), and all candidates share it
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence(seeds).generate_state(1)[0]))
-        start = torch.randint(len(self.init_mu), (R,), generator=gen)
-        eps0 = torch.randn(R, Nz, generator=gen)
-        z = self.init_mu[start] + torch.exp(0.5 * self.init_logvar[start]) * eps0  # (R, Nz)
-        z = z.to(self.device)[None].expand(P, R, Nz).reshape(B, Nz)  # (P*R, Nz)
+        n = R if shared else B  # independent random streams
+        # one generator for the batch, seeded by every seed: dreams are a function of the seed array
+        gen = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([int(s) for s in seeds.reshape(-1)]).generate_state(1)[0])
+        )
+
+        def spread(x: torch.Tensor) -> torch.Tensor:
+            """(n, Nz) draws -> (P*R, Nz): shared draws repeat for every candidate."""
+            x = x.to(self.device)
+            return x[None].expand(P, R, Nz).reshape(B, Nz) if shared else x
+
+        start = torch.randint(len(self.init_mu), (n,), generator=gen)
+        eps0 = torch.randn(n, Nz, generator=gen)
+        z = spread(self.init_mu[start] + torch.exp(0.5 * self.init_logvar[start]) * eps0)  # (P*R, Nz)
         state = self.rnn.initial_state(B, self.device)
         alive = torch.ones(B, dtype=torch.bool, device=self.device)
         returns = torch.zeros(B, device=self.device)
@@ -89,8 +104,8 @@ class Dream:
             y = forward(cfg, params, x)  # (P, R, out)
             a = _to_action(self.to_action, y).reshape(B, -1)  # (P*R, A)
             mix, state = self.rnn.step(z, a, done_prev, state)
-            u = torch.rand(R, Nz, generator=gen).to(self.device)[None].expand(P, R, Nz).reshape(B, Nz)
-            eps = torch.randn(R, Nz, generator=gen).to(self.device)[None].expand(P, R, Nz).reshape(B, Nz)
+            u = spread(torch.rand(n, Nz, generator=gen))
+            eps = spread(torch.randn(n, Nz, generator=gen))
             z, done = sample(mix, self.tau, u=u, eps=eps)
             returns += alive * self.reward_per_step
             steps += alive

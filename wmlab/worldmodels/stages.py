@@ -207,6 +207,7 @@ def train_controller(cfg: dict, rnn=None, latents=None, out=None, x0=None, gener
         eval_rollouts=c["eval_rollouts"],
         max_steps=c["max_steps"],
         sample_z=c["sample_z"],
+        common_seeds=bool(c.get("common_seeds", False)),
         x0=x0,
         workers=cfg["workers"],
         seed=cfg["seed"],
