@@ -7,29 +7,57 @@ Start/goal pairs come from the env's ``sample_start_goal`` with DINO-WM's per-ep
 in the env (``goal_source=dset``). All episodes run together through ``run_mpc`` (one batched plan
 per step for every episode). Writes into ``out_dir``:
 
+- ``key.json``: everything the results depend on (``plan_key``: run identity and weights hash,
+  planner settings, protocol, objective, env settings, data fingerprint, precision, layout version);
 - ``results.jsonl``: one row per episode (pair seed, reached / final success, final distances,
   env steps used, median plan seconds, plans made);
 - ``summary.json``: success rates with 95% Wilson intervals, mean final distance, median plan time,
-  the protocol (budget; ``unbounded`` when ``max_iter=null`` reproduces DINO-WM's loop);
+  the protocol (budget; ``unbounded`` when ``max_iter=null`` reproduces DINO-WM's loop); written
+  last, so its presence marks a finished cell;
 - ``videos/episode_<i>_<success|failure>.gif``: real frames beside the goal for the first episodes.
-Episodes are written as a whole run; a re-run with the same settings and an existing ``summary.json``
-is skipped (``overwrite=true`` re-runs it).
+
+Where results go. By default a cell lives in ``outputs/plans/<model>__<planner>__<goal_source>_gH<H>_
+n<N>_seed<S>__<hash of its key>``: a re-run with exactly the same key is skipped ("already evaluated"),
+any other setting (another model, retrained weights, planner settings, max_steps, ...) gets its own
+directory. With an explicit ``out=`` a directory holding another key is refused with the list of what
+differs (``overwrite=true`` re-runs it). A cell is computed under a writer lock (a second process on
+the same cell is refused with who holds it) and a half-finished cell is recomputed only under its key.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from wmlab.integrity import (
+    KeyMismatch,
+    UserError,
+    WriterLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_key,
+    fingerprint,
+    keyed_dir,
+    sha256_file,
+    write_key,
+)
 from wmlab.planning.mpc import EpisodeOutcome, Observation, Protocol, run_mpc
 from wmlab.report.study_report import wilson_interval
-from wmlab.runs import write_json
 
 GOAL_SOURCES = ("random_state", "dset")
+#: Version of a plan cell's layout and meaning (key.json, results.jsonl, summary.json, videos/).
+#: Bump it when evaluation changes what the same settings produce: old cells then get new keys.
+PLAN_FORMAT = 2
+DEFAULT_PLANS_DIR = Path("outputs") / "plans"
+
+
+class PlanSettingError(UserError, ValueError):
+    """A ``wmlab plan`` setting out of its valid range (refused before anything is created)."""
 
 
 class EpisodeBatch:
@@ -186,9 +214,8 @@ def write_videos(
         tag = "success" if outcomes[i].final else "failure"
         side = [np.concatenate([f, goals[i]], axis=1) for f in frames[::2] + frames[-1:]]  # (H, 2W, 3)
         path = out_dir / f"episode_{i:03d}_{tag}.gif"
-        tmp = path.with_name(path.name + ".partial.gif")
-        iio.imwrite(tmp, np.stack(side), duration=1000 / fps, loop=0)
-        os.replace(tmp, path)
+        gif = iio.imwrite("<bytes>", np.stack(side), extension=".gif", duration=1000 / fps, loop=0)
+        atomic_write_bytes(path, gif, fsync=False)  # a unique temp name per writer, then rename
         paths.append(path)
     return paths
 
@@ -221,10 +248,8 @@ def evaluate_policy(
         out_dir.mkdir(parents=True, exist_ok=True)
         videos = write_videos(batch, outcomes, out_dir / "videos") if n_videos else []
         summary["videos"] = [str(p.relative_to(out_dir)) for p in videos]
-        tmp = out_dir / "results.jsonl.partial"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, out_dir / "results.jsonl")
-        write_json(out_dir / "summary.json", summary)  # last: its presence marks a finished evaluation
+        atomic_write_text(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_json(out_dir / "summary.json", summary)  # last: its presence marks a finished cell
     return rows, summary
 
 
@@ -255,16 +280,19 @@ def make_policy(
     )
 
 
-def resolve_run(run_dir: Path, import_to: Path | None = None) -> Path:
-    """A wmlab run directory as is; a DINO-WM run (hydra.yaml + checkpoints/) is imported first."""
+def resolve_run(run_dir: Path, import_to: Path | None = None, epoch: str | int = "latest") -> Path:
+    """A wmlab run directory as is; a DINO-WM run (hydra.yaml + checkpoints/) is imported first.
+
+    The import is keyed by the run's resolved path and its checkpoint's sha256 (``import_dino_wm``):
+    an import of exactly that checkpoint is reused, a retrained or different run gets a new one.
+    """
     run_dir = Path(run_dir)
     if (run_dir / "config.yaml").is_file():
         return run_dir
     if (run_dir / "hydra.yaml").is_file() and (run_dir / "checkpoints").is_dir():
         from wmlab.models.dino_wm_checkpoint import import_dino_wm
 
-        out = import_to or Path("outputs") / "imported" / run_dir.name
-        return out if (out / "config.yaml").is_file() else import_dino_wm(run_dir, out)
+        return import_dino_wm(run_dir, import_to, epoch)
     raise FileNotFoundError(
         f"no run at {run_dir}: expected a wmlab run (config.yaml) or a DINO-WM run (hydra.yaml + "
         "checkpoints/). Set ckpt_base_path=... model_name=... or run_dir=..."
@@ -306,64 +334,256 @@ def protocol_from(cfg: dict, frameskip: int) -> Protocol:
     return Protocol(max_steps=max_steps, n_taken_actions=n_taken, frameskip=frameskip)
 
 
+# ---------------------------------------------------------------- settings, keys, cells
+def _int_setting(cfg: dict, name: str, minimum: int, meaning: str, allow_none: bool = False) -> None:
+    value = cfg.get(name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        valid = f"an integer >= {minimum}" + (" or null" if allow_none else "")
+        raise PlanSettingError(f"plan: {name}={value!r} is not valid: {name} ({meaning}) must be {valid}")
+
+
+def validate_plan_cfg(cfg: dict) -> None:
+    """Refuse out-of-range ``wmlab plan`` settings with the key named, before anything is created."""
+    _int_setting(cfg, "n_evals", 1, "start/goal pairs to evaluate")
+    _int_setting(cfg, "goal_H", 1, "planning horizon in model steps")
+    _int_setting(cfg, "seed", 0, "the pair seed: episode i uses seed * i + 1")
+    _int_setting(cfg, "max_steps", 1, "env steps per episode; null = unbounded", allow_none=True)
+    _int_setting(cfg, "n_videos", 0, "episodes recorded as GIFs")
+    _int_setting(cfg, "frameskip", 1, "env steps per model step")
+    _int_setting(cfg, "chunk", 1, "candidates per rollout call; null = all", allow_none=True)
+    if cfg.get("max_iter", "auto") != "auto":
+        _int_setting(cfg, "max_iter", 1, "plans per episode; auto or null = unbounded", allow_none=True)
+    n_taken = (cfg.get("planner") or {}).get("n_taken_actions")
+    if n_taken is not None and (isinstance(n_taken, bool) or not isinstance(n_taken, int) or n_taken < 1):
+        raise PlanSettingError(
+            f"plan: planner.n_taken_actions={n_taken!r} is not valid: it must be an integer >= 1 or null"
+        )
+    if cfg.get("goal_source") not in GOAL_SOURCES:
+        raise PlanSettingError(
+            f"plan: goal_source={cfg.get('goal_source')!r} is not valid: choose one of "
+            + ", ".join(GOAL_SOURCES)
+        )
+    if cfg["goal_source"] == "dset" and not cfg.get("data"):
+        raise PlanSettingError("plan: goal_source=dset replays dataset actions: pass data=<dataset>")
+
+
+def run_dir_of(cfg: dict) -> Path | None:
+    """The run a plan reads: ``run_dir=`` itself, else ``<ckpt_base_path>/<model_name>``, else None."""
+    if cfg.get("run_dir"):
+        return Path(cfg["run_dir"])
+    if cfg.get("model_name"):
+        return Path(cfg["ckpt_base_path"]) / cfg["model_name"]
+    return None
+
+
+def identity_of_run(run_dir: Path) -> dict:
+    """The run's identity for keys: its config fingerprint and the sha256 of its exported weights.
+
+    ``wmlab.runs.run_identity`` when present (it knows the run layout best); otherwise the same two
+    facts computed here from ``config.yaml`` and ``model.safetensors``.
+    """
+    from wmlab import runs
+
+    if hasattr(runs, "run_identity"):
+        return dict(runs.run_identity(run_dir))
+    from wmlab.planning.planning_model import read_run_config
+
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: {run_dir} has no exported weights (train it first)")
+    return {"config": fingerprint(read_run_config(run_dir)), "weights_sha256": sha256_file(weights)}
+
+
+def data_identity(data) -> dict:
+    """A dataset's path and content fingerprint (the dataset's own ``fingerprint()``)."""
+    from wmlab.data import open_dataset
+
+    return {"path": str(Path(data).resolve()), "fingerprint": open_dataset(data).fingerprint()}
+
+
+def plan_key(cfg: dict, *, run: dict | None, env_cfg: dict, protocol: Protocol, data: dict | None) -> dict:
+    """Everything a plan cell's results depend on: reuse only on an exact match.
+
+    run: ``identity_of_run`` (None for baselines without a run); env_cfg: the env actually used
+    (name + settings); protocol: the resolved budget; data: ``data_identity`` where results read the
+    dataset (``goal_source=dset`` pairs, an imported DINO-WM run's normalisation), else None.
+    Left out on purpose: device, chunk, n_videos, progress, out (they do not change the numbers).
+    """
+    encoder_weights = cfg.get("encoder_weights")
+    weights_path = Path(str(encoder_weights)) if encoder_weights else None
+    return {
+        "kind": "plan_cell",
+        "format": PLAN_FORMAT,
+        "run": run,
+        "planner": cfg["planner"],
+        "protocol": {
+            "goal_source": cfg["goal_source"],
+            "goal_H": int(cfg["goal_H"]),
+            "n_evals": int(cfg["n_evals"]),
+            "seed": int(cfg["seed"]),
+            "max_steps": cfg.get("max_steps"),
+            "max_iter": cfg.get("max_iter", "auto"),
+            **protocol.to_dict(),
+        },
+        "objective": cfg["objective"],
+        "env": env_cfg,
+        "data": data,
+        "encoder_weights": {
+            "value": str(encoder_weights) if encoder_weights else None,
+            "sha256": sha256_file(weights_path) if weights_path and weights_path.is_file() else None,
+        },
+        "precision": cfg.get("precision"),
+    }
+
+
+def _protocol_label(cfg: dict) -> str:
+    """``<planner>__<goal_source>_gH<H>_n<N>_seed<S>``: readable, but never a key on its own."""
+    planner, source = cfg["planner"]["name"], cfg["goal_source"]
+    return f"{planner}__{source}_gH{cfg['goal_H']}_n{cfg['n_evals']}_seed{cfg['seed']}"
+
+
+def _legacy_default_out(cfg: dict) -> Path:
+    """The ``out`` plan.yaml used to default to: treated as "no out given" (the keyed default)."""
+    return DEFAULT_PLANS_DIR / _protocol_label(cfg)
+
+
+def cell_dir_for(cfg: dict, key: dict, run_dir: Path | None) -> tuple[Path, bool]:
+    """(out_dir, explicit): the user's ``out=``, or ``outputs/plans/<label>__<key hash>`` by default."""
+    out = cfg.get("out")
+    if out and Path(out) != _legacy_default_out(cfg):
+        return Path(out), True
+    model = run_dir.name if run_dir is not None else "no_model"
+    label = f"{model}__{_protocol_label(cfg)}"
+    return keyed_dir(cfg.get("plans_dir") or DEFAULT_PLANS_DIR, label, key), False
+
+
+def cell_status(out_dir: Path, key: dict, explicit: bool) -> str:
+    """``finished`` (same key, summary.json there), ``todo`` (empty, or half-done under this key);
+    refuses a directory of another key (KeyMismatch with the differences) or of unknown provenance."""
+    check_key(out_dir, key, "plan results")
+    has_key = (out_dir / "key.json").is_file()
+    if (out_dir / "summary.json").is_file():
+        if has_key:
+            return "finished"
+        raise KeyMismatch(
+            f"plan results at {out_dir} have no key.json (made by an older wmlab): what they were computed "
+            f"from cannot be told. Delete {out_dir}, pass overwrite=true, or use another out=."
+        )
+    if not has_key and explicit and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise KeyMismatch(
+            f"{out_dir} is not empty and holds no plan key.json; choose an empty or new out= "
+            "(or overwrite=true to write the plan there anyway)"
+        )
+    return "todo"
+
+
+@dataclass
+class PlanSetup:
+    """What ``plan`` resolved before loading any model: the key decides whether to compute at all."""
+
+    run_dir: Path | None
+    env_cfg: dict
+    frameskip: int
+    protocol: Protocol
+    key: dict
+    out_dir: Path
+    explicit: bool
+
+
+def prepare_plan(cfg: dict) -> PlanSetup:
+    """Validate settings, resolve (import) the run, and compute the cell's key and directory."""
+    from wmlab.planning.planning_model import read_run_config
+
+    validate_plan_cfg(cfg)
+    needs_model = cfg["planner"]["name"] not in ("random", "oracle")
+    run_dir = run_dir_of(cfg)
+    env_cfg, frameskip, run, data = dict(cfg["env"]), int(cfg["frameskip"]), None, None
+    if run_dir is not None:
+        run_dir = resolve_run(run_dir, epoch=cfg.get("model_epoch", "latest"))
+        run_cfg = read_run_config(run_dir)
+        env_cfg = run_env(run_dir, run_cfg, env_cfg)
+        frameskip = int(run_cfg["frameskip"])
+        run = identity_of_run(run_dir)
+        imported_stats = run_cfg.get("normalization") == "dino_wm_all_data"
+        if needs_model and imported_stats and cfg.get("data"):
+            data = data_identity(cfg["data"])
+    elif needs_model:
+        raise PlanSettingError(
+            f"planner {cfg['planner']['name']!r} needs a world model: pass model_name=<run> or run_dir=<run>"
+        )
+    if cfg["goal_source"] == "dset":
+        data = data_identity(cfg["data"])
+    protocol = protocol_from(cfg, frameskip)
+    key = plan_key(cfg, run=run, env_cfg=env_cfg, protocol=protocol, data=data)
+    out_dir, explicit = cell_dir_for(cfg, key, run_dir)
+    return PlanSetup(run_dir, env_cfg, frameskip, protocol, key, out_dir, explicit)
+
+
 def plan(cfg: dict) -> Path:
-    """The ``wmlab plan`` verb: evaluate a run's planner (or a baseline) closed-loop; returns out_dir."""
+    """The ``wmlab plan`` verb: evaluate a run's planner (or a baseline) closed-loop; returns out_dir.
+
+    The cell is keyed (``plan_key``) and computed under a ``WriterLock`` on its directory; see the
+    module docstring for where it lives and when it is reused or refused.
+    """
+    setup = prepare_plan(cfg)
+    out_dir = setup.out_dir
+    with WriterLock(out_dir, "plan cell"):
+        if cfg.get("overwrite", False):
+            status = "todo"
+        else:
+            status = cell_status(out_dir, setup.key, setup.explicit)
+        if status == "finished":
+            print(f"already evaluated: {out_dir / 'summary.json'} (same key; overwrite=true to re-run)")
+            return out_dir
+        # The finish marker goes first, the key next: a kill from here on leaves a half-done cell
+        # that only a run with this same key resumes (recomputes).
+        (out_dir / "summary.json").unlink(missing_ok=True)
+        write_key(out_dir, setup.key)
+        _evaluate_cell(cfg, setup)
+    return out_dir
+
+
+def _evaluate_cell(cfg: dict, setup: PlanSetup) -> None:
     import torch
 
     from wmlab.envs import make_env
     from wmlab.planning.objectives import Objective
     from wmlab.planning.planning_model import PlanningModel
-    from wmlab.runs import read_config
     from wmlab.train import resolve_device
 
-    out_dir = Path(cfg["out"])
-    if (out_dir / "summary.json").is_file() and not cfg.get("overwrite", False):
-        print(f"already evaluated: {out_dir / 'summary.json'} (overwrite=true to re-run)")
-        return out_dir
-    needs_model = cfg["planner"]["name"] not in ("random", "oracle")
-    run_dir = cfg.get("run_dir") or (
-        str(Path(cfg["ckpt_base_path"]) / cfg["model_name"]) if cfg.get("model_name") else None
-    )
-    model, env_cfg, frameskip = None, dict(cfg["env"]), int(cfg["frameskip"])
-    if run_dir is not None:
-        run_dir = resolve_run(Path(run_dir))
-        run_cfg = read_config(run_dir / "config.yaml")
-        env_cfg = run_env(run_dir, run_cfg, env_cfg)
-        frameskip = int(run_cfg["frameskip"])
-        if needs_model:
-            device = resolve_device(cfg.get("device", "auto"))
-            model = PlanningModel.from_run(
-                run_dir, device=device, data=cfg.get("data"), encoder_weights=cfg.get("encoder_weights")
-            )
-    elif needs_model:
-        raise ValueError(f"planner {cfg['planner']['name']!r} needs a world model: pass model_name=<run>")
-    env = make_env(env_cfg.pop("name"), **{k: v for k, v in env_cfg.items()})
-    protocol = protocol_from(cfg, frameskip)
-    if cfg["goal_source"] == "random_state":
-        starts, goals, seeds = random_state_pairs(env, int(cfg["n_evals"]), int(cfg["seed"]))
-    elif cfg["goal_source"] == "dset":
-        if not cfg.get("data"):
-            raise ValueError("goal_source=dset replays dataset actions: pass data=<dataset>")
-        starts, goals, seeds = dataset_pairs(
-            env, cfg["data"], int(cfg["n_evals"]), int(cfg["seed"]), int(cfg["goal_H"]) * frameskip
+    model = None
+    if cfg["planner"]["name"] not in ("random", "oracle"):
+        device = resolve_device(cfg.get("device", "auto"))
+        model = PlanningModel.from_run(
+            setup.run_dir, device=device, data=cfg.get("data"), encoder_weights=cfg.get("encoder_weights")
         )
-    else:
-        raise ValueError(f"goal_source must be one of {GOAL_SOURCES}, got {cfg['goal_source']!r}")
-    objective = Objective(**cfg["objective"])
-    torch.manual_seed(int(cfg["seed"]))
-    policy = make_policy(cfg["planner"], env=env, protocol=protocol, horizon=int(cfg["goal_H"]), model=model,
-                         objective=objective, chunk=cfg.get("chunk"))  # fmt: skip
-    extra = {
-        "planner": cfg["planner"],
-        "goal_source": cfg["goal_source"],
-        "goal_H": int(cfg["goal_H"]),
-        "seed": int(cfg["seed"]),
-        "objective": cfg["objective"],
-        "run_dir": str(run_dir) if run_dir else None,
-    }
-    evaluate_policy(
-        policy, env, starts, goals, seeds, protocol, out_dir, n_videos=int(cfg.get("n_videos", 3)),
-        extra=extra, progress=bool(cfg.get("progress", True)),
-    )  # fmt: skip
-    env.close()
-    return out_dir
+    env_cfg = dict(setup.env_cfg)
+    env = make_env(env_cfg.pop("name"), **env_cfg)
+    try:
+        n, seed = int(cfg["n_evals"]), int(cfg["seed"])
+        if cfg["goal_source"] == "random_state":
+            starts, goals, seeds = random_state_pairs(env, n, seed)
+        else:
+            steps = int(cfg["goal_H"]) * setup.frameskip
+            starts, goals, seeds = dataset_pairs(env, cfg["data"], n, seed, steps)
+        objective = Objective(**cfg["objective"])
+        torch.manual_seed(seed)
+        policy = make_policy(cfg["planner"], env=env, protocol=setup.protocol, horizon=int(cfg["goal_H"]),
+                             model=model, objective=objective, chunk=cfg.get("chunk"))  # fmt: skip
+        extra = {
+            "planner": cfg["planner"],
+            "goal_source": cfg["goal_source"],
+            "goal_H": int(cfg["goal_H"]),
+            "seed": seed,
+            "objective": cfg["objective"],
+            "run_dir": str(setup.run_dir) if setup.run_dir else None,
+            "key": fingerprint(setup.key),
+        }
+        evaluate_policy(
+            policy, env, starts, goals, seeds, setup.protocol, setup.out_dir,
+            n_videos=int(cfg.get("n_videos", 3)), extra=extra, progress=bool(cfg.get("progress", True)),
+        )  # fmt: skip
+    finally:
+        env.close()

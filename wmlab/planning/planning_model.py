@@ -13,6 +13,39 @@ import numpy as np
 import torch
 
 from wmlab.data.normalization import NormalizationStats
+from wmlab.integrity import UserError
+
+
+class RunConfigError(UserError, ValueError):
+    """A run's ``config.yaml`` (or a DINO-WM ``hydra.yaml``) is not valid YAML or not a mapping."""
+
+
+def load_yaml_mapping(path: str | Path, fix: str) -> dict:
+    """The YAML mapping in ``path``; unparsable or non-mapping content is a one-line error naming the
+    file, the line and ``fix`` (never a ParserError about ``<unicode string>``)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise RunConfigError(f"{path} is not valid YAML ({problem}{line}); {fix}") from err
+    except UnicodeDecodeError as err:
+        raise RunConfigError(f"{path} is not a text file ({err}); {fix}") from err
+    if not isinstance(cfg, dict):
+        raise RunConfigError(f"{path} holds a {type(cfg).__name__}, not a mapping of settings; {fix}")
+    return cfg
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """``<run>/config.yaml`` as a dict; a missing, unparsable or non-mapping file is a one-line error."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {Path(run_dir)} a wmlab run directory?")
+    return load_yaml_mapping(path, "restore it, or re-create the run (train or import it again)")
 
 
 class PlanningModel:
@@ -49,6 +82,7 @@ class PlanningModel:
                 f"{run_dir} is not a wmlab run (no config.yaml). Train one with `wmlab train`, or convert a "
                 "DINO-WM run with `wmlab import-dino-wm <ckpt_base_path>/outputs/<model_name>`."
             )
+        read_run_config(run_dir)  # a broken config.yaml is named here, not as a YAML traceback
         model, cfg = load_run(run_dir, device=device)
         stats = cls._stats(run_dir, cfg, data)  # first: a missing dataset is the cheaper mistake to report
         if encoder is None:
