@@ -4,10 +4,23 @@ Tokens of frame i attend to every token of frames <= i, so one pass predicts all
 window in parallel (teacher forcing) and frame i's output never sees the future. Pre-LN blocks,
 a learned absolute position embedding over ``num_frames * num_tokens`` positions, a final
 LayerNorm, no CLS token. Attention runs through PyTorch's fused ``scaled_dot_product_attention``.
+
+The block-causal attention has three exact implementations (``PredictorConfig.attention`` or
+``BlockCausalPredictor.set_attention``), equal to fp rounding (tests/test_predictor_attention.py):
+
+- ``sdpa``: one SDPA call with the boolean (L, L) mask. On CPU that runs the flash kernel (no L x L
+  scores are materialised, measured); on CUDA a boolean mask rules flash out (memory-efficient kernel).
+- ``frames``: one SDPA call per query frame over the keys of frames <= it, with no mask, so every
+  call may use the flash kernel on any device; it also skips the masked-out key blocks (for 3 frames
+  6 of 9 query x key blocks are computed).
+- ``flex``: FlexAttention with a frame block mask (``torch.nn.attention.flex_attention``), compiled
+  into a fused kernel on CUDA; elsewhere it runs eagerly (unfused, for tests only).
+- ``auto`` (default): ``frames`` on CUDA, ``sdpa`` elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +39,16 @@ class PredictorConfig:
     mlp_dim: int = 2048
     dropout: float = 0.1
     emb_dropout: float = 0.0
+    attention: str = "auto"  # sdpa | frames | flex | auto (see the module docstring); results equal
+
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "frames", "flex")
+
+
+def check_attention_backend(name: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"predictor attention must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    return name
 
 
 def block_causal_mask(num_frames: int, num_tokens: int, device=None) -> torch.Tensor:
@@ -34,10 +57,85 @@ def block_causal_mask(num_frames: int, num_tokens: int, device=None) -> torch.Te
     return frame[:, None] >= frame[None, :]
 
 
+@dataclass(frozen=True)
+class FrameCausal:
+    """The structure of a block-causal mask: ``num_tokens`` rows per frame, query row i sits at
+    absolute row ``q_start + i``, key row j at row j; a query sees keys of its own and earlier frames.
+    ``FrameCausal(N, q_start).dense(Lq, Lk)`` equals ``block_causal_mask(...)[q_start:q_start+Lq, :Lk]``."""
+
+    num_tokens: int
+    q_start: int = 0
+
+    def dense(self, Lq: int, Lk: int, device=None) -> torch.Tensor:
+        return _dense_frame_mask(self.num_tokens, self.q_start, Lq, Lk, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_frame_mask(N: int, q0: int, Lq: int, Lk: int, device: str) -> torch.Tensor:
+    """Built once per shape and device (every block of every call reuses it; never written to)."""
+    q_frame = (torch.arange(Lq, device=device) + q0) // N  # (Lq,)
+    k_frame = torch.arange(Lk, device=device) // N  # (Lk,)
+    return q_frame[:, None] >= k_frame[None, :]  # (Lq, Lk)
+
+
+def frames_attention(q, k, v, structure: FrameCausal, dropout_p: float = 0.0) -> torch.Tensor:
+    """Block-causal attention as one unmasked SDPA call per query frame. q (B, H, Lq, Dh) at rows
+    q_start.., k and v (B, H, Lk, Dh) -> (B, H, Lq, Dh). A query frame f sees keys [0, (f+1) N)."""
+    N, q0 = structure.num_tokens, structure.q_start
+    Lq, Lk = q.shape[2], k.shape[2]
+    outs, row = [], 0
+    while row < Lq:
+        frame = (q0 + row) // N
+        end = min(Lq, (frame + 1) * N - q0)  # this frame's last query row + 1
+        keys = min(Lk, (frame + 1) * N)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, row:end], k[:, :, :keys], v[:, :, :keys], dropout_p=dropout_p
+            )
+        )  # (B, H, end-row, Dh)
+        row = end
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, Lq, Dh)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(N: int, q0: int, Lq: int, Lk: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def frame_causal(b, h, q_idx, kv_idx):
+        return (q_idx + q0) // N >= kv_idx // N
+
+    return create_block_mask(frame_causal, None, None, Lq, Lk, device=device)
+
+
+def flex_block_causal_attention(q, k, v, structure: FrameCausal) -> torch.Tensor:
+    """Block-causal attention through FlexAttention with a frame block mask: q (B, H, Lq, Dh), k and v
+    (B, H, Lk, Dh) -> (B, H, Lq, Dh). Compiled (fused) on CUDA; eager (unfused, scores materialised)
+    elsewhere, which is only meant for tests of equality with the SDPA path."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    Lq, Lk = q.shape[2], k.shape[2]
+    mask = _flex_block_mask(structure.num_tokens, structure.q_start, Lq, Lk, str(q.device))
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=mask)
+    with warnings.catch_warnings():  # "called without torch.compile": intended off CUDA
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=mask)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float, backend: str = "auto") -> None:
         super().__init__()
         self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.backend = check_attention_backend(backend)
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -52,17 +150,29 @@ class Attention(nn.Module):
         return tuple(t.view(B, L, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: FrameCausal | torch.Tensor | None
     ) -> torch.Tensor:
-        """q (B, H, Lq, Dh), k and v (B, H, Lk, Dh), mask (Lq, Lk) or None -> (B, Lq, D)."""
+        """q (B, H, Lq, Dh), k and v (B, H, Lk, Dh), mask: a ``FrameCausal`` structure, a boolean
+        (Lq, Lk) mask or None (all keys) -> (B, Lq, D)."""
         B, _, Lq, _ = q.shape
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, Lq, Dh)
+        dropout_p = self.dropout if self.training else 0.0
+        backend = self.backend
+        if backend == "auto":
+            backend = "frames" if q.is_cuda else "sdpa"
+        if backend == "flex" and dropout_p > 0:
+            backend = "frames"  # FlexAttention has no attention dropout
+        if isinstance(mask, FrameCausal) and backend == "frames":
+            out = frames_attention(q, k, v, mask, dropout_p)  # (B, H, Lq, Dh)
+        elif isinstance(mask, FrameCausal) and backend == "flex":
+            out = flex_block_causal_attention(q, k, v, mask)  # (B, H, Lq, Dh)
+        else:
+            if isinstance(mask, FrameCausal):
+                mask = mask.dense(Lq, k.shape[2], q.device)  # (Lq, Lk)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         out = out.transpose(1, 2).reshape(B, Lq, self.heads * self.dim_head)  # (B, Lq, H*Dh)
         return self.proj_dropout(self.proj(out))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask) -> torch.Tensor:
         q, k, v = self.heads_qkv(x)  # (B, H, L, Dh)
         return self.attend(q, k, v, mask)
 
@@ -82,14 +192,14 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: PredictorConfig) -> None:
         super().__init__()
-        self.attn = Attention(cfg.dim, cfg.heads, cfg.dim_head, cfg.dropout)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.dim_head, cfg.dropout, cfg.attention)
         self.mlp = FeedForward(cfg.dim, cfg.mlp_dim, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask) -> torch.Tensor:
         x = x + self.attn(x, mask)
         return x + self.mlp(x)
 
-    def forward_cached(self, x: torch.Tensor, cache: dict, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, cache: dict, mask) -> torch.Tensor:
         """New rows x (B, Ln, D) after the rows whose keys/values are in ``cache`` ({"k", "v"}: (B, H,
         Lc, Dh), or empty); appends the new keys/values to ``cache``. Equals ``forward`` on all rows,
         restricted to the new ones, because earlier rows never attend to later ones."""
@@ -128,7 +238,15 @@ class BlockCausalPredictor(nn.Module):
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.register_buffer("mask", block_causal_mask(cfg.num_frames, cfg.num_tokens), persistent=False)
+        # The mask's structure; each attention backend builds what it needs from it (a dense boolean
+        # mask for SDPA, per-frame key ranges, or a FlexAttention block mask).
+        self.structure = FrameCausal(cfg.num_tokens)
+
+    def set_attention(self, backend: str) -> BlockCausalPredictor:
+        """Switch every block's attention implementation (``ATTENTION_BACKENDS``); results are equal."""
+        for block in self.blocks:
+            block.attn.backend = check_attention_backend(backend)
+        return self
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, T, N, D = z.shape
@@ -139,9 +257,8 @@ class BlockCausalPredictor(nn.Module):
         L = T * N
         x = z.reshape(B, L, D) + self.pos_embedding[:, :L]  # (B, T*N, D)
         x = self.emb_dropout(x)
-        mask = self.mask[:L, :L]
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, self.structure)
         return self.norm(x).reshape(B, T, N, D)  # (B, T, N, D)
 
     # ------------------------------------------------------------------ inference shortcuts (rollouts)
@@ -157,9 +274,8 @@ class BlockCausalPredictor(nn.Module):
         )
         L = T * N
         x = self.emb_dropout(z.reshape(B, L, D) + self.pos_embedding[:, :L])  # (B, T*N, D)
-        mask = self.mask[:L, :L]
         for block in self.blocks[:-1]:
-            x = block(x, mask)
+            x = block(x, self.structure)
         x = self.blocks[-1].forward_last_rows(x, N)  # (B, N, D)
         return self.norm(x).reshape(B, 1, N, D)
 
@@ -180,7 +296,7 @@ class BlockCausalPredictor(nn.Module):
         )
         x = self.emb_dropout(z_new.reshape(B, Ln, D) + self.pos_embedding[:, Lc : Lc + Ln])  # (B, Ln, D)
         # A single new frame sees every cached and new row: no mask (lets SDPA pick a fused kernel).
-        mask = None if Tn == 1 else self.mask[Lc : Lc + Ln, : Lc + Ln]
+        mask = None if Tn == 1 else FrameCausal(N, Lc)
         for block, block_cache in zip(self.blocks, cache, strict=True):
             x = block.forward_cached(x, block_cache, mask)
         return self.norm(x[:, -N:]).reshape(B, 1, N, D)

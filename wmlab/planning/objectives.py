@@ -89,9 +89,11 @@ def rollout_cost_fn(
     goal_visual: torch.Tensor,
     goal_proprio: torch.Tensor,
     objective: Objective,
-    chunk: int | None = None,
+    chunk: int | str | None = "auto",
     *,
     past_actions: torch.Tensor | None = None,
+    memory_budget: int | None = None,
+    precision: str = "fp32",
 ):
     """A planner's cost_fn: roll the world model out on candidate actions and score predicted frames.
 
@@ -100,13 +102,22 @@ def rollout_cost_fn(
         normalised proprio, encoded once by the caller (images are never re-encoded here).
     goal_visual (B, N, Dv): goal tokens; goal_proprio (B, P): the goal's normalised *raw* proprio,
         embedded here once with the model's proprio encoder, as the rollout's proprio output is.
-    chunk: at most this many candidates per start state per rollout call (bounds memory); None = all.
+    chunk: sequences per rollout call, over all start states together (the B x S candidates are
+        one list of rows, so a call may span episodes); "auto" or None (default): as many as fit
+        ``memory_budget`` (``wmlab.planning.memory``); an int: exactly that many.
     past_actions (B, n - 1, A): the actions taken between the observed frames (needed when n > 1).
+    memory_budget: bytes one rollout call may use (auto chunks); None: the device's default budget
+        (``memory.default_budget``: CUDA free memory or host RAM, with headroom).
+    precision: fp32, bf16 or tf32 (a resolved choice, see ``wmlab.precision``); costs return as fp32.
 
     Returns cost_fn(actions (B, S, T, A)) -> (B, S): the rollout runs actions[:, :, 0] from the last
     observed frame and T model steps; the T predicted frames are scored. Differentiable in the actions
-    (for GD) unless called under torch.no_grad().
+    (for GD) unless called under torch.no_grad(). ``cost_fn.last_chunk`` is the rows per call of the
+    latest call (for metadata). Chunked costs equal unchunked ones to fp rounding (rows are independent).
     """
+    from wmlab.planning.memory import auto_chunk, default_budget
+    from wmlab.precision import precision_context
+
     if model.training:
         raise ValueError("rollout_cost_fn: call model.eval() first (dropout would make the costs random)")
     cfg = model.cfg
@@ -132,26 +143,52 @@ def rollout_cost_fn(
                 f"rollout_cost_fn: {n} observed frames need past_actions (B, n-1, A) = "
                 f"{(B, n - 1, cfg.action_dim)}, got {got}"
             )
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"rollout_cost_fn: chunk must be >= 1 or None, got {chunk}")
+    if chunk is None:
+        chunk = "auto"
+    if chunk != "auto" and (isinstance(chunk, str) or int(chunk) != chunk or chunk < 1):
+        raise ValueError(f"rollout_cost_fn: chunk must be an integer >= 1, 'auto' or null, got {chunk!r}")
+    if memory_budget is not None and memory_budget <= 0:
+        raise ValueError(f"rollout_cost_fn: memory_budget must be > 0 bytes or null, got {memory_budget}")
+    device = obs_visual.device
     with torch.no_grad():
         goal_proprio_emb = model.proprio_encoder(goal_proprio)  # (B, Ep)
+
+    def rows_per_call(S: int, T: int, grad: bool) -> int:
+        if chunk != "auto":
+            return min(int(chunk), B * S)
+        budget = memory_budget if memory_budget is not None else default_budget(device)
+        return auto_chunk(cfg, n, T, B * S, budget=budget, grad=grad)
+
+    def score(visual, proprio, goal_v, goal_p, part):
+        """One rollout call: starts visual (b, n, N, Dv), proprio (b, n, P), candidates part (b, s, T', A)
+        with T' = n - 1 + T -> costs (b, s) of the T predicted frames."""
+        T = part.shape[2] - (n - 1)
+        out = model.rollout(visual, proprio, part)  # frames (b, s, n+T, ...)
+        return objective(out["visual"][:, :, -T:], out["proprio"][:, :, -T:], goal_v, goal_p).float()
 
     def cost_fn(actions: torch.Tensor) -> torch.Tensor:
         B_, S, T, A = actions.shape
         assert (B_, A) == (B, cfg.action_dim), (
             f"actions {tuple(actions.shape)} must be (B, S, T, A) with B={B}, A={cfg.action_dim}"
         )
-        costs = []
-        step = chunk or S
-        for start in range(0, S, step):
-            part = actions[:, start : start + step]  # (B, s, T, A)
-            if n > 1:  # the past actions go with the earlier observed frames
-                past = past_actions[:, None].expand(B, part.shape[1], n - 1, A).to(part.dtype)
-                part = torch.cat([past, part], dim=2)  # (B, s, n-1+T, A)
-            out = model.rollout(obs_visual, obs_proprio, part)  # frames (B, s, n+T, ...)
-            visual, proprio = out["visual"][:, :, -T:], out["proprio"][:, :, -T:]  # the T predicted
-            costs.append(objective(visual, proprio, goal_visual, goal_proprio_emb))  # (B, s)
-        return torch.cat(costs, dim=1).float()  # (B, S)
+        if n > 1:  # the past actions go with the earlier observed frames
+            past = past_actions[:, None].expand(B, S, n - 1, A).to(actions.dtype)
+            actions = torch.cat([past, actions], dim=2)  # (B, S, n-1+T, A)
+        rows = rows_per_call(S, T, torch.is_grad_enabled() and actions.requires_grad)
+        cost_fn.last_chunk = rows
+        with precision_context(precision, device):
+            if rows >= B * S:  # everything in one call
+                return score(obs_visual, obs_proprio, goal_visual, goal_proprio_emb, actions)
+            # B*S rows in calls of `rows`: each row its own start (a call may span episodes)
+            flat = actions.reshape(B * S, 1, actions.shape[2], A)  # (B*S, 1, T', A)
+            costs = []
+            for start in range(0, B * S, rows):
+                idx = torch.arange(start, min(start + rows, B * S), device=device)  # (r,)
+                b = idx // S  # (r,) each row's start state
+                costs.append(
+                    score(obs_visual[b], obs_proprio[b], goal_visual[b], goal_proprio_emb[b], flat[idx])[:, 0]
+                )  # (r,)
+            return torch.cat(costs).reshape(B, S)  # (B, S)
 
+    cost_fn.last_chunk = None
     return cost_fn
