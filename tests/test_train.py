@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from wmlab.cli import compose
-from wmlab.data.store import TrajectoryStore
+from wmlab.runs import load_tensors, trained_epochs
 from wmlab.train import TrainingError, load_run, train
 
 TINY = [
@@ -50,7 +50,7 @@ def test_train_writes_a_run_that_rebuilds_itself(tiny_store, tmp_path):
         "model.safetensors",
         "normalization.json",
         "metadata.json",
-        "checkpoint/state.json",
+        "checkpoint/checkpoint.safetensors",
     ):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.rglob("*.partial"))
@@ -71,27 +71,40 @@ def test_train_writes_a_run_that_rebuilds_itself(tiny_store, tmp_path):
 def test_resume_continues_from_the_last_epoch(tiny_store, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg(tiny_store, run, "training.epochs=1"))
-    first = json.loads((run / "checkpoint" / "state.json").read_text())
+    first = trained_epochs(run)
     train(tiny_cfg(tiny_store, run, "training.epochs=3"))
     meta = json.loads((run / "metadata.json").read_text())
-    assert first["epoch"] == 1 and [h["epoch"] for h in meta["history"]] == [1, 2, 3]
-    with pytest.raises(TrainingError, match="different model"):
+    assert first == 1 and [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+    with pytest.raises(TrainingError, match=r"different model: predictor\.depth: 1 -> 2"):
         train(tiny_cfg(tiny_store, run, "training.epochs=4", "predictor.depth=2"))
 
 
-def test_nan_loss_stops_and_names_the_last_good_checkpoint(tiny_store, tmp_path):
-    data = tmp_path / "copy.zarr"
-    shutil.copytree(tiny_store.path, data)
-    store = TrajectoryStore(data)
+def test_nan_loss_stops_names_the_last_good_checkpoint_and_its_fix_works(tiny_store, tmp_path):
     run = tmp_path / "run"
-    train(tiny_cfg(store, run, "training.epochs=1"))
-    actions = TrajectoryStore(data, mode="a").arrays["actions"]
-    actions[:] = np.full(actions.shape, np.nan, np.float32)  # corrupt data after a good epoch
-    with pytest.raises(
-        TrainingError, match=r"epoch 2, step 1 .*Last good checkpoint: .*checkpoint \(epoch 1\)"
-    ):
-        train(tiny_cfg(store, run, "training.epochs=2"))
-    assert json.loads((run / "checkpoint" / "state.json").read_text())["epoch"] == 1
+    train(tiny_cfg(tiny_store, run, "training.epochs=1"))
+    good = load_tensors(run / "model.safetensors")
+    # A learning rate that blows up; the advised fix (a lower one) must then take effect on resume.
+    with pytest.raises(TrainingError) as caught:
+        train(tiny_cfg(tiny_store, run, "training.epochs=2", "training.predictor_lr=1e30"))
+    message = str(caught.value)
+    assert re.search(r"epoch 2\b.*Last good checkpoint: .*checkpoint\.safetensors \(epoch 1,", message), (
+        message
+    )
+    assert "training.predictor_lr=1e+29" in message and "\n" not in message
+    assert trained_epochs(run) == 1  # the diverged epoch was never saved ...
+    for name, tensor in load_tensors(run / "model.safetensors").items():  # ... nor exported
+        assert torch.equal(tensor, good[name]), name
+    train(tiny_cfg(tiny_store, run, "training.epochs=2", "training.predictor_lr=1e-4"))
+    meta = json.loads((run / "metadata.json").read_text())
+    assert [h["epoch"] for h in meta["history"]] == [1, 2]
+    assert all(
+        math.isfinite(h["train_loss"]) and math.isfinite(h["val_z_visual_loss"]) for h in meta["history"]
+    )
+    assert meta["config_changes"][-1]["changes"] == [
+        "training.epochs: 1 -> 2",
+        "training.predictor_lr: 0.0005 -> 0.0001",
+    ]
+    assert meta["optimizer"]["param_groups"][0]["lr"] == 1e-4  # the checkpoint's own lr did not win
 
 
 @pytest.mark.slow
@@ -108,14 +121,14 @@ def test_killed_training_resumes_and_finishes(tiny_store, tmp_path):
     process = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    state = run / "checkpoint" / "state.json"
+    state = run / "checkpoint" / "checkpoint.safetensors"
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline:
         assert process.poll() is None, process.stderr.read().decode()
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)  # mid-way through a later epoch
     process.wait()
-    done = json.loads(state.read_text())["epoch"]
+    done = trained_epochs(run)
     assert 1 <= done < 4
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     meta = json.loads((run / "metadata.json").read_text())

@@ -10,6 +10,7 @@ rank takes a shard of every epoch's permutation, rank 0 writes).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -23,18 +24,25 @@ from wmlab.data.normalization import NormalizationStats
 from wmlab.data.store import TrajectoryStore, jsonable
 from wmlab.data.windows import WindowDataset, WindowSpec, make_datasets
 from wmlab.encoders import make_encoder
-from wmlab.integrity import UserError
+from wmlab.integrity import UserError, WriterLock, key_differences
 from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
 from wmlab.runs import (
-    atomic_save_tensors,
+    DISK_ERRNOS,
+    RUN_CHECKPOINT,
+    VOLATILE_CONFIG_KEYS,
+    CheckpointWriteError,
+    apply_optimizer_settings,
+    commit_checkpoint,
+    ensure_exports,
+    load_checkpoint,
     load_tensors,
     optimizer_from_tensors,
-    optimizer_to_tensors,
+    read_checkpoint,
     read_config,
     read_json,
+    sync_exports,
     versions,
     write_config,
-    write_json,
 )
 
 
@@ -193,12 +201,155 @@ def rollout_errors(
     }
 
 
+# ---------------------------------------------------------------- config values
+_ABSENT = object()
+
+
+def _lookup(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _int_at_least(low: int, optional: bool = False):
+    def check(value) -> bool:
+        if value is None:
+            return optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            return False
+        return int(value) >= low
+
+    return check, f"an integer >= {low}" + (" or null" if optional else "")
+
+
+def _positive_float(optional: bool = False, zero: bool = False):
+    def check(value) -> bool:
+        if value is None:
+            return optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return value >= 0 if zero else value > 0
+
+    return check, ("a finite number >= 0" if zero else "a finite number > 0") + (
+        " or null" if optional else ""
+    )
+
+
+# (key, (check, valid range)): refused before anything is created, naming the key and the range.
+VALUE_CHECKS = {
+    "training.batch_size": _int_at_least(1),
+    "training.epochs": _int_at_least(1),
+    "training.predictor_lr": _positive_float(),
+    "training.action_encoder_lr": _positive_float(),
+    "training.weight_decay": _positive_float(zero=True),
+    "training.grad_clip": _positive_float(optional=True),
+    "training.max_steps_per_epoch": _int_at_least(1, optional=True),
+    "training.val_batches": _int_at_least(1, optional=True),
+    "training.rollout_eval_steps": _int_at_least(0),
+    "frameskip": _int_at_least(1),
+    "num_hist": _int_at_least(1),
+    "num_pred": _int_at_least(1),
+    "action_emb_dim": _int_at_least(1),
+    "proprio_emb_dim": _int_at_least(1),
+}
+
+
+def validate_config(cfg: dict) -> None:
+    """Refuse values that cannot train (``training.batch_size=0``, ``training.epochs=-1``, lr <= 0 ...)
+    with a UserError naming the key and its valid range, before any file is written."""
+    for key, (check, valid) in VALUE_CHECKS.items():
+        value = _lookup(cfg, key)
+        if value is _ABSENT:
+            continue  # not set: the code's default applies
+        if not check(value):
+            raise UserError(f"{key}={value!r} is not valid: it must be {valid}. Fix it on the command line.")
+    ratio = _lookup(cfg, "split_ratio")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+        raise UserError(f"split_ratio={ratio!r} is not valid: it must be a number in (0, 1].")
+    precision = cfg.get("training", {}).get("precision") or "auto"
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"training.precision={precision!r} is not valid: it must be one of auto, fp32, bf16.")
+
+
+# ---------------------------------------------------------------- what may change on resume
+# Settings a resume applies (and records in metadata.json "config_changes"); every other change of
+# config is refused (it would silently mix two models). The optimizer ones override the settings
+# saved in the checkpoint, so lowering training.predictor_lr after a NaN takes effect.
+RESUME_APPLIED = {
+    "training.epochs", "training.predictor_lr", "training.action_encoder_lr", "training.weight_decay",
+    "training.grad_clip", "training.val_batches", "training.rollout_eval_steps", "training.precision",
+}  # fmt: skip
+
+
+def _flatten(cfg, prefix: str = "") -> dict:
+    if isinstance(cfg, dict):
+        out: dict = {}
+        for k, v in cfg.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: cfg}
+
+
+def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(applied, refused) ``"key: old -> new"`` lines between the config a run was saved with and now.
+
+    Keys naming where/how a process runs (``runs.VOLATILE_CONFIG_KEYS``) are ignored.
+    """
+    a = _flatten({k: v for k, v in saved.items() if k not in VOLATILE_CONFIG_KEYS})
+    b = _flatten({k: v for k, v in now.items() if k not in VOLATILE_CONFIG_KEYS})
+    applied, refused = [], []
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old != new:
+            (applied if key in RESUME_APPLIED else refused).append(f"{key}: {old!r} -> {new!r}")
+    return applied, refused
+
+
+def optimizer_settings(tcfg: dict) -> list[dict]:
+    """The per-group settings of ``make_optimizer`` (predictor group, embedding group)."""
+    wd = float(tcfg.get("weight_decay", 0.01))
+    return [
+        {"lr": float(tcfg["predictor_lr"]), "weight_decay": wd},
+        {"lr": float(tcfg["action_encoder_lr"]), "weight_decay": wd},
+    ]
+
+
 # ---------------------------------------------------------------- main loop
+RUN_WHAT = "training run"
+MAX_ABS_WEIGHT = 1e6  # a world model's weights are O(1); beyond this training has diverged
+
+
 def train(cfg: dict) -> Path:
-    """Train (or resume) the run described by ``cfg``; returns the run directory."""
-    tcfg = cfg["training"]
+    """Train (or resume) the run described by ``cfg``; returns the run directory.
+
+    The run directory is locked (``WriterLock``) for the whole run: a second ``train`` into it is
+    refused with who holds it. Values that cannot train are refused before anything is written.
+    """
+    validate_config(cfg)
     run_dir = Path(cfg["run_dir"])
     rank, world = _distributed()
+    try:
+        if rank != 0:  # only rank 0 writes; it holds the lock for the job
+            return _train(cfg, rank, world)
+        with WriterLock(run_dir, RUN_WHAT):
+            return _train(cfg, rank, world)
+    except OSError as err:
+        if err.errno in DISK_ERRNOS and not isinstance(err, CheckpointWriteError):
+            where = err.filename or run_dir
+            raise CheckpointWriteError(
+                f"could not write {where}: {os.strerror(err.errno)}. The last good checkpoint "
+                f"{run_dir / RUN_CHECKPOINT} (if any) is intact. Free disk space or make it writable (or "
+                "choose another run_dir=), then re-run the same command to resume."
+            ) from err
+        raise
+
+
+def _train(cfg: dict, rank: int, world: int) -> Path:
+    tcfg = cfg["training"]
+    run_dir = Path(cfg["run_dir"])
     device = resolve_device(cfg.get("device", "auto"))
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -207,8 +358,12 @@ def train(cfg: dict) -> Path:
     store = TrajectoryStore(cfg["data"])
     encoder = build_encoder(dict(cfg["encoder"]), device)
     cache = find_feature_cache(store, encoder)
-    state_path = run_dir / "checkpoint" / "state.json"
-    resuming = state_path.exists() and cfg.get("resume", True)
+    ckpt_path = run_dir / RUN_CHECKPOINT
+    legacy_state = run_dir / "checkpoint" / "state.json"
+    has_checkpoint = ckpt_path.is_file() or legacy_state.is_file()
+    resuming = has_checkpoint and cfg.get("resume", True)
+    if has_checkpoint and not resuming and rank == 0:
+        _forget_run(run_dir)  # resume=false: a kill before epoch 1 must not resume the old run
     # A resumed run keeps the statistics it started with, so its inputs mean the same thing.
     saved_stats = NormalizationStats.load(run_dir / "normalization.json") if resuming else None
     spec = WindowSpec(
@@ -231,8 +386,7 @@ def train(cfg: dict) -> Path:
     mcfg = model_config(cfg, encoder, store)
     model = LatentWorldModel(mcfg).to(device)
     optimizer = make_optimizer(model, tcfg)
-    start_epoch, global_step = 0, 0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    epochs = int(tcfg["epochs"])
     metadata = jsonable(
         {
             "encoder": encoder.info.__dict__,
@@ -247,21 +401,22 @@ def train(cfg: dict) -> Path:
             "windows": {"train": len(train_set), "val": len(val_set) if val_set else 0},
         }
     )  # JSON types, so a resumed run compares equal to what it wrote
+    progress = {"epoch": 0, "global_step": 0, "history": [], "config_changes": []}
     if resuming:
-        start_epoch, global_step = _resume(run_dir, model, optimizer, metadata)
+        progress = _resume(run_dir, cfg, model, optimizer, metadata, write=rank == 0)
     elif rank == 0:
-        (run_dir / "checkpoint").mkdir(exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir / "config.yaml", cfg)
         stats.save(run_dir / "normalization.json")
+    start_epoch, global_step = progress["epoch"], progress["global_step"]
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.index else None
         )
 
-    writer = _tensorboard(run_dir) if rank == 0 else None
-    epochs = int(tcfg["epochs"])
-    last_good = state_path if state_path.exists() else None
+    writer = _tensorboard(run_dir) if rank == 0 and start_epoch < epochs else None
+    last_good = progress["history"][-1] if progress["history"] else None
     from tqdm.auto import tqdm
 
     for epoch in range(start_epoch, epochs):
@@ -278,13 +433,9 @@ def train(cfg: dict) -> Path:
             with _autocast(device, tcfg.get("precision", "auto")):
                 loss, _ = ddp_model(batch)  # forward = loss; through DDP's wrapper so gradients sync
             if not torch.isfinite(loss):
-                where = (
-                    f"{last_good.parent} (epoch {read_json(last_good)['epoch']})" if last_good else "none yet"
-                )
                 raise TrainingError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, step {i + 1} (global step "
-                    f"{global_step + 1}). Last good checkpoint: {where}. Lower training.predictor_lr or set "
-                    "training.grad_clip, then re-run to resume from it."
+                    f"{global_step + 1}). {_last_good_and_fix(run_dir, last_good, tcfg)}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,6 +457,12 @@ def train(cfg: dict) -> Path:
             val = evaluate(model, val_set, tokens, int(tcfg["batch_size"]), device, tcfg.get("val_batches"))
             metrics.update({f"val_{k}": v for k, v in val.items()})
             metrics.update(rollout_errors(model, rollout_set, tokens, horizon, device))
+        problem = checkpoint_problem(model, metrics)
+        if problem is not None:  # never saved: the last good checkpoint stays the one to resume from
+            raise TrainingError(
+                f"epoch {epoch + 1} (global step {global_step}) ended with {problem}; it was not saved. "
+                f"{_last_good_and_fix(run_dir, last_good, tcfg)}"
+            )
         for key, value in metrics.items():
             if key != "epoch" and writer is not None:
                 writer.add_scalar(
@@ -313,11 +470,43 @@ def train(cfg: dict) -> Path:
                     value,
                     epoch + 1,
                 )
-        _save(run_dir, model, optimizer, epoch + 1, global_step, metadata, metrics)
-        last_good = state_path
+        progress["history"] = [h for h in progress["history"] if h.get("epoch", 0) < epoch + 1] + [metrics]
+        progress.update(epoch=epoch + 1, global_step=global_step)
+        _save(run_dir, cfg, model, optimizer, metadata, progress)
+        last_good = metrics
     if writer is not None:
         writer.close()
     return run_dir
+
+
+def checkpoint_problem(model: torch.nn.Module, metrics: dict) -> str | None:
+    """Why this epoch's state is not a good checkpoint (non-finite train/validation loss, non-finite
+    or diverged weights), or None if it is good."""
+    bad = [k for k, v in metrics.items() if k.endswith("loss") and not math.isfinite(float(v))]
+    if bad:
+        return "non-finite " + ", ".join(f"{k}={metrics[k]}" for k in bad)
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            if not torch.isfinite(tensor).all():
+                return f"non-finite weights in {name}"
+            if tensor.abs().max() > MAX_ABS_WEIGHT:
+                return f"diverged weights in {name} (|w| up to {float(tensor.abs().max()):.3g})"
+    return None
+
+
+def _last_good_and_fix(run_dir: Path, last_good: dict | None, tcfg: dict) -> str:
+    lower = float(tcfg["predictor_lr"]) / 10
+    if last_good is None:
+        where, then = "none yet", "it starts over"
+    else:
+        epoch, loss = last_good["epoch"], last_good["train_loss"]
+        where = f"{run_dir / RUN_CHECKPOINT} (epoch {epoch}, train_loss {loss:.4g})"
+        then = f"it resumes from epoch {last_good['epoch']}"
+    return (
+        f"Last good checkpoint: {where}. Fix: re-run the same command with training.predictor_lr={lower:g} "
+        "(a changed learning rate is applied on resume and recorded in metadata.json 'config_changes') "
+        f"and/or training.grad_clip=1.0; {then}. If it persists, check the dataset for non-finite values."
+    )
 
 
 def _tensorboard(run_dir: Path):
@@ -328,34 +517,50 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _save(
-    run_dir: Path, model, optimizer, epoch: int, global_step: int, metadata: dict, metrics: dict
-) -> None:
-    ckpt = run_dir / "checkpoint"
-    opt_tensors, opt_extra = optimizer_to_tensors(optimizer)
-    opt_tensors["rng.torch"] = torch.get_rng_state()
-    atomic_save_tensors(model.state_dict(), ckpt / "model.safetensors")
-    atomic_save_tensors(opt_tensors, ckpt / "optimizer.safetensors")
-    atomic_save_tensors(model.state_dict(), run_dir / "model.safetensors", {"epoch": epoch})
-    history = (
-        read_json(run_dir / "metadata.json").get("history", [])
-        if (run_dir / "metadata.json").exists()
-        else []
-    )
-    history = [h for h in history if h.get("epoch", 0) < epoch] + [metrics]
-    write_json(run_dir / "metadata.json", {**metadata, "epoch": epoch, "history": history})
-    # Written last: a checkpoint counts only once everything above is on disk.
-    write_json(ckpt / "state.json", {"epoch": epoch, "global_step": global_step, "optimizer": opt_extra})
+LEGACY_CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 
 
-def _resume(run_dir: Path, model, optimizer, metadata: dict) -> tuple[int, int]:
-    ckpt = run_dir / "checkpoint"
-    state = read_json(ckpt / "state.json")
-    saved = read_json(run_dir / "metadata.json")
+def _forget_run(run_dir: Path) -> None:
+    """resume=false on an existing run: remove its checkpoint and exports before starting over."""
+    for path in (run_dir / RUN_CHECKPOINT, run_dir / "model.safetensors", run_dir / "metadata.json",
+                 *(run_dir / "checkpoint" / name for name in LEGACY_CHECKPOINT_FILES)):  # fmt: skip
+        path.unlink(missing_ok=True)
+
+
+def _save(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, progress: dict) -> None:
+    """Commit epoch ``progress["epoch"]`` as one checkpoint file, then export ``model.safetensors`` and
+    ``metadata.json`` from it (tagged with its sha256; ``runs.sync_exports`` repairs a lagging one)."""
+    record = {**metadata, **progress, "config": cfg}
+    exports = {
+        "weights": "../model.safetensors",
+        "weights_metadata": {"epoch": progress["epoch"], "global_step": progress["global_step"]},
+        "json": "../metadata.json",
+    }
+    ckpt = run_dir / RUN_CHECKPOINT
+    commit_checkpoint(ckpt, model, optimizer, record, progress=progress["epoch"], exports=exports, rng=True)
+    for name in LEGACY_CHECKPOINT_FILES:  # superseded by the one-file checkpoint just committed
+        (ckpt.parent / name).unlink(missing_ok=True)
+
+
+def _resume(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, write: bool) -> dict:
+    """Load the run's checkpoint into model/optimizer/RNG; returns its progress (epoch, global_step,
+    history, config_changes). Refuses another encoder, model, dataset or config; applies (and records)
+    the settings of ``RESUME_APPLIED``, the optimizer ones over those saved in the checkpoint."""
+    ckpt = run_dir / RUN_CHECKPOINT
+    header = read_checkpoint(ckpt)
+    if header is not None:
+        if write:
+            sync_exports(ckpt)  # a kill between commit and export left them behind: re-export
+        state = saved = header["state"]
+        saved_cfg = state.get("config") or read_config(run_dir / "config.yaml")
+    else:  # the older layout: checkpoint/{model,optimizer}.safetensors + state.json
+        saved, saved_cfg = read_json(run_dir / "metadata.json"), read_config(run_dir / "config.yaml")
+        state = {**read_json(run_dir / "checkpoint" / "state.json"), "history": saved.get("history", [])}
     for key in ("encoder", "model"):
         if saved.get(key) != metadata[key]:
             raise TrainingError(
-                f"{run_dir} was trained with a different {key} ({saved.get(key)} vs now {metadata[key]}); "
+                f"{run_dir} was trained with a different {key}: "
+                f"{'; '.join(key_differences(saved.get(key) or {}, metadata[key]))}; "
                 "use another model_name, or resume=false to start over in this directory"
             )
     if saved.get("dataset", {}).get("fingerprint") != metadata["dataset"]["fingerprint"]:
@@ -363,16 +568,48 @@ def _resume(run_dir: Path, model, optimizer, metadata: dict) -> tuple[int, int]:
             f"the dataset changed since {run_dir} was trained (fingerprint {saved['dataset']['fingerprint']} "
             f"vs {metadata['dataset']['fingerprint']}); use another model_name or resume=false"
         )
-    model.load_state_dict(load_tensors(ckpt / "model.safetensors"))
-    opt_tensors = load_tensors(ckpt / "optimizer.safetensors")
-    torch.set_rng_state(opt_tensors.pop("rng.torch"))
-    optimizer_from_tensors(optimizer, opt_tensors, state["optimizer"])
-    return int(state["epoch"]), int(state["global_step"])
+    applied, refused = config_changes(saved_cfg, cfg)
+    if refused:
+        raise TrainingError(
+            f"{run_dir} was trained with a different config: {'; '.join(refused)}. Only "
+            f"{', '.join(sorted(RESUME_APPLIED))} may change on resume; use another model_name, or "
+            "resume=false to start over in this directory"
+        )
+    epoch, epochs = int(state["epoch"]), int(cfg["training"]["epochs"])
+    effective = [line for line in applied if not line.startswith("training.epochs:")]
+    if epoch >= epochs and effective:
+        raise TrainingError(
+            f"{run_dir} has finished (epoch {epoch} of {epochs}), so {'; '.join(effective)} would have no "
+            f"effect. Raise training.epochs above {epoch} to train further with it, or use another "
+            "model_name."
+        )
+    if header is not None:
+        load_checkpoint(ckpt, model, optimizer, rng=True)
+    else:
+        model.load_state_dict(load_tensors(run_dir / "checkpoint" / "model.safetensors"))
+        opt_tensors = load_tensors(run_dir / "checkpoint" / "optimizer.safetensors")
+        torch.set_rng_state(opt_tensors.pop("rng.torch"))
+        optimizer_from_tensors(optimizer, opt_tensors, state["optimizer"])
+    apply_optimizer_settings(optimizer, optimizer_settings(cfg["training"]))
+    changes = list(state.get("config_changes", []))
+    if applied and epoch < epochs:
+        changes.append({"epoch": epoch, "global_step": int(state["global_step"]), "changes": applied,
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # fmt: skip
+        if write:
+            write_config(run_dir / "config.yaml", cfg)
+    return {
+        "epoch": epoch,
+        "global_step": int(state["global_step"]),
+        "history": list(state.get("history", [])),
+        "config_changes": changes,
+    }
 
 
 def load_run(run_dir: str | Path, device="cpu") -> tuple[LatentWorldModel, dict]:
     """Rebuild a trained model from its run directory alone: (model in eval mode, config)."""
     run_dir = Path(run_dir)
+    if (run_dir / RUN_CHECKPOINT).is_file():  # repair an export that lags; refuse one that disagrees
+        ensure_exports(run_dir / RUN_CHECKPOINT, run_dir, RUN_WHAT)
     cfg = read_config(run_dir / "config.yaml")
     meta = read_json(run_dir / "metadata.json")
     model = LatentWorldModel(WorldModelConfig(**meta["model"]))
