@@ -127,13 +127,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def agreement(reference: torch.Tensor, other: torch.Tensor, tolerance: float = TOLERANCE) -> dict:
+def agreement(reference: torch.Tensor, other: torch.Tensor, tolerance: float | None = None) -> dict:
     """Do costs (B, K) of K fixed candidates under a lower precision agree with fp32's?
 
     Per start state: ``regret`` = fp32 cost of the candidate the other precision ranks first minus
     the fp32 minimum, and ``max_diff`` = the largest |cost difference|, both divided by the fp32 costs'
     range over the K candidates (the scale on which a planner compares them). They agree when both
-    are <= ``tolerance`` for every start state (the same argmin, or a tie within tolerance)."""
+    are <= ``tolerance`` (default ``TOLERANCE``) for every start state (the same argmin, or a tie
+    within tolerance)."""
+    tolerance = TOLERANCE if tolerance is None else float(tolerance)
     reference, other = reference.detach().double().cpu(), other.detach().double().cpu()
     if reference.ndim == 1:
         reference, other = reference[None], other[None]
@@ -190,8 +192,8 @@ def resolve_precision(
     shapes: dict | None = None,
     probe: Callable[[str], torch.Tensor] | None = None,
     timings: dict[str, float] | None = None,
-    min_speedup: float = MIN_SPEEDUP,
-    tolerance: float = TOLERANCE,
+    min_speedup: float | None = None,
+    tolerance: float | None = None,
 ) -> dict:
     """The precision to run at, with its evidence, as a dict for metadata.
 
@@ -203,6 +205,7 @@ def resolve_precision(
     Returns {"requested", "chosen", "reason", "device", "timings_s", "speedup_over_fp32", "agreement"}.
     """
     check_precision(requested)
+    min_speedup = MIN_SPEEDUP if min_speedup is None else float(min_speedup)
     device = torch.device(device)
     info = {"requested": requested, "device": str(device)}
     if requested != "auto":
