@@ -59,6 +59,7 @@ def test_fast_path_agrees_with_zarr_both_ways(tmp_path):
     other = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     store.arrays["frames"][2] = other  # written by zarr
     store.arrays["actions"][2] = np.zeros((5, 2), np.float32)
+    store.arrays["states"][2] = np.ones((5, 4), np.float32)  # a committed episode needs all its files
     store.commit({2: 5})
     assert np.array_equal(store.frames(2), other)  # read by our chunk reader
 

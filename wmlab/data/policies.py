@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wmlab.data.errors import DatasetError
+
 
 class RandomPolicy:
     """Uniform random actions in the env's action box, one independent draw per env step
@@ -23,5 +25,5 @@ POLICIES = {"random": RandomPolicy}
 
 def make_policy(name: str, action_space, seed: int):
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
+        raise DatasetError(f"unknown policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
     return POLICIES[name](action_space, seed)
