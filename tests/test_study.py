@@ -91,7 +91,7 @@ def test_rerunning_a_study_skips_finished_cells(finished_study, study_store):
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
     weights = {p: p.stat().st_mtime_ns for p in (finished_study / "runs").glob("*/model.safetensors")}
     # An "interrupted" study: one evaluation's result is gone; only that cell runs again.
-    lost = finished_study / "cells" / "pixels__seed0__mpc_cem"
+    (lost,) = (finished_study / "cells").glob("pixels__seed0__mpc_cem__*")  # <label>__<key hash>
     (lost / "summary.json").unlink()
     run_study(study_cfg(study_store, finished_study))
     assert (lost / "summary.json").is_file()
@@ -106,7 +106,27 @@ def test_rerunning_a_study_skips_finished_cells(finished_study, study_store):
 def test_one_cell_at_a_time_then_merge(study_store, tmp_path):
     cfg = study_cfg(study_store, tmp_path, encoders=["pixels"], baselines=[])
     run_study({**cfg, "cell": "pixels__seed0"})
-    assert (tmp_path / "cells" / "pixels__seed0__mpc_cem" / "summary.json").is_file()
+    assert [p.parent.name.split("__")[:3] for p in (tmp_path / "cells").glob("*/summary.json")] == [
+        ["pixels", "seed0", "mpc_cem"]
+    ]
     assert not (tmp_path / "report").exists()  # a cell job does not merge
     run_study(cfg)
     assert len(read_jsonl(tmp_path / "results" / "episodes.jsonl")) == 3
+
+
+def test_a_finished_cell_of_other_settings_is_not_reused(finished_study, study_store):
+    """Regression (issue 12 item 7): a cell was reused by its name alone, so a study re-run with another
+    protocol (here max_steps) merged the old cells' results as if they were the new ones."""
+    before = {p.parent.name for p in (finished_study / "cells").glob("*/summary.json")}
+    plan = [o if not o.startswith("max_steps=") else "max_steps=6" for o in TINY_PLAN]
+    run_study(study_cfg(study_store, finished_study, plan=plan))
+    episodes = read_jsonl(finished_study / "results" / "episodes.jsonl")
+    assert len(episodes) == 9 and {r["max_steps"] for r in episodes} == {6}
+    after = {p.parent.name for p in (finished_study / "cells").glob("*/summary.json")}
+    assert before < after and len(after - before) == 3  # new keys, new cells; the old ones left alone
+    keys = [
+        json.loads((finished_study / "cells" / name / "study_cell.json").read_text())
+        for name in after - before
+    ]
+    assert all(k["plan"]["max_steps"] == 6 for k in keys)
+    assert all(k["run"]["weights_sha256"] for k in keys if k["encoder"] != "baseline")

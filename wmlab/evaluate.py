@@ -379,21 +379,11 @@ def run_dir_of(cfg: dict) -> Path | None:
 
 
 def identity_of_run(run_dir: Path) -> dict:
-    """The run's identity for keys: its config fingerprint and the sha256 of its exported weights.
+    """The run's identity for keys (``wmlab.runs.run_identity``): its config fingerprint and the
+    sha256 of its exported weights (plus normalisation and dataset fingerprints)."""
+    from wmlab.runs import run_identity
 
-    ``wmlab.runs.run_identity`` when present (it knows the run layout best); otherwise the same two
-    facts computed here from ``config.yaml`` and ``model.safetensors``.
-    """
-    from wmlab import runs
-
-    if hasattr(runs, "run_identity"):
-        return dict(runs.run_identity(run_dir))
-    from wmlab.planning.planning_model import read_run_config
-
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: {run_dir} has no exported weights (train it first)")
-    return {"config": fingerprint(read_run_config(run_dir)), "weights_sha256": sha256_file(weights)}
+    return dict(run_identity(run_dir))
 
 
 def data_identity(data) -> dict:
@@ -459,7 +449,7 @@ def cell_dir_for(cfg: dict, key: dict, run_dir: Path | None) -> tuple[Path, bool
     return keyed_dir(cfg.get("plans_dir") or DEFAULT_PLANS_DIR, label, key), False
 
 
-def cell_status(out_dir: Path, key: dict, explicit: bool) -> str:
+def cell_status(out_dir: Path, key: dict) -> str:
     """``finished`` (same key, summary.json there), ``todo`` (empty, or half-done under this key);
     refuses a directory of another key (KeyMismatch with the differences) or of unknown provenance."""
     check_key(out_dir, key, "plan results")
@@ -471,10 +461,11 @@ def cell_status(out_dir: Path, key: dict, explicit: bool) -> str:
             f"plan results at {out_dir} have no key.json (made by an older wmlab): what they were computed "
             f"from cannot be told. Delete {out_dir}, pass overwrite=true, or use another out=."
         )
-    if not has_key and explicit and out_dir.is_dir() and any(out_dir.iterdir()):
+    leftovers = [n for n in ("results.jsonl", "videos") if (out_dir / n).exists()]
+    if not has_key and leftovers:
         raise KeyMismatch(
-            f"{out_dir} is not empty and holds no plan key.json; choose an empty or new out= "
-            "(or overwrite=true to write the plan there anyway)"
+            f"{out_dir} holds plan output ({', '.join(leftovers)}) without key.json: what it was computed "
+            f"from cannot be told. Delete it, pass overwrite=true, or use another out=."
         )
     return "todo"
 
@@ -533,7 +524,7 @@ def plan(cfg: dict) -> Path:
         if cfg.get("overwrite", False):
             status = "todo"
         else:
-            status = cell_status(out_dir, setup.key, setup.explicit)
+            status = cell_status(out_dir, setup.key)
         if status == "finished":
             print(f"already evaluated: {out_dir / 'summary.json'} (same key; overwrite=true to re-run)")
             return out_dir
