@@ -204,7 +204,7 @@ class Study:
     def train_cfg(self, encoder: str, seed: int, data: Path) -> dict:
         from omegaconf import OmegaConf
 
-        from wmlab.cli import compose
+        from wmlab.config import compose
 
         overrides = [
             *self.cfg["train"], *self.encoder_overrides(encoder, data), f"data={data}",
@@ -272,7 +272,7 @@ class Study:
     def plan_cfg(self, planner: str, out: Path, run_dir: Path | None = None) -> dict:
         from omegaconf import OmegaConf
 
-        from wmlab.cli import compose
+        from wmlab.config import compose
 
         shared = self.cfg["plan"]
         if planner in ("random", "oracle"):  # the model planners' settings do not apply to baselines
