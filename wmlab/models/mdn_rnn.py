@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from wmlab.runs import locked_run
+
 FORMAT = "wmlab-worldmodels-mdn-rnn"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "rnn.safetensors"
@@ -290,6 +292,7 @@ class SequenceSampler:
         }
 
 
+@locked_run("out", "MDN-RNN training run")  # a second writer of out/ is refused with who holds it
 def train_rnn(
     data: dict[str, np.ndarray],
     out,
@@ -329,12 +332,10 @@ def train_rnn(
 
     from wmlab.models.vae import _device, tensorboard
     from wmlab.runs import (
-        atomic_save_tensors,
         load_training_checkpoint,
         resumable_run,
         save_training_checkpoint,
         versions,
-        write_json,
     )
 
     sampler = SequenceSampler(data, seq_len)
@@ -403,14 +404,14 @@ def train_rnn(
                 writer.add_scalar(f"rnn/{k}", v, step)
         if step % save_every == 0 or step == total:
             history.append({"step": step, "loss": loss.item(), **parts, "lr": rate})
-            opt_extra = save_training_checkpoint(ckpt_path, model, optimizer, metadata={"step": step})
-            atomic_save_tensors(
-                model.state_dict(), out / WEIGHTS_FILE, metadata={"step": step, "format": FORMAT}
-            )
             elapsed = time.perf_counter() - started
-            write_json(
-                meta_path,
-                {
+            # One atomic file: weights + Adam state + this JSON; the weights and JSON exports are
+            # written after it commits, tagged with it (runs.commit_checkpoint).
+            save_training_checkpoint(
+                ckpt_path, model, optimizer, progress=step,
+                exports={"weights": WEIGHTS_FILE, "weights_metadata": {"step": step, "format": FORMAT},
+                         "json": CONFIG_FILE},
+                state={
                     "format": FORMAT,
                     "format_version": FORMAT_VERSION,
                     "config": asdict(cfg),
@@ -425,10 +426,9 @@ def train_rnn(
                     "sequences_per_second": round(sequences / elapsed, 2) if elapsed > 0 else None,
                     "history": history,
                     "seconds": seconds + elapsed,
-                    "optimizer": opt_extra,
                     "versions": versions(),
                 },
-            )
+            )  # fmt: skip
     bar.close()
     if writer is not None:
         writer.close()

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmlab.runs import locked_run
+
 FORMAT = "wmlab-worldmodels-vae"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "vae.safetensors"
@@ -228,6 +230,7 @@ def tensorboard(out: Path):
     return SummaryWriter(str(out / "tb"))
 
 
+@locked_run("out", "VAE training run")  # a second writer of out/ is refused with who holds it
 def train_vae(
     data,
     out,
@@ -261,12 +264,11 @@ def train_vae(
     from tqdm.auto import tqdm
 
     from wmlab.runs import (
-        atomic_save_tensors,
+        apply_optimizer_settings,
         load_training_checkpoint,
         resumable_run,
         save_training_checkpoint,
         versions,
-        write_json,
     )
 
     cfg = VAEConfig(z_dim=int(z_dim), channels=list(channels), kl_tolerance=float(kl_tolerance))
@@ -282,12 +284,15 @@ def train_vae(
         model = ConvVAE(cfg).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
-    step, history, seconds = 0, [], 0.0
+    step, history, seconds, lr_changes = 0, [], 0.0, []
     meta_path, ckpt_path = out / CONFIG_FILE, out / CHECKPOINT_FILE
     meta = resumable_run(meta_path, ckpt_path, asdict(cfg), "a VAE")
     if meta is not None:
         load_training_checkpoint(ckpt_path, model, optimizer, meta["optimizer"])
         step, history, seconds = int(meta["step"]), meta.get("history", []), float(meta.get("seconds", 0))
+        # The lr asked for now wins over the one saved (lowering it is the fix for a NaN); recorded.
+        changed = apply_optimizer_settings(optimizer, [{"lr": lr}])
+        lr_changes = meta.get("lr_changes", []) + ([{"step": step, "changes": changed}] if changed else [])
 
     val_idx = np.random.default_rng(12345).choice(pool.size, size=min(64, pool.size), replace=False)
     val_x = frames_to_input(pool.read(np.sort(val_idx)), dev)
@@ -328,14 +333,14 @@ def train_vae(
             writer.add_scalar("vae/kl", parts["kl"], step)
         if step % save_every == 0 or step == total:
             history.append({"step": step, "train_loss": loss.item(), **parts, "val_loss": validate()})
-            opt_extra = save_training_checkpoint(ckpt_path, model, optimizer, metadata={"step": step})
-            atomic_save_tensors(
-                model.state_dict(), out / WEIGHTS_FILE, metadata={"step": step, "format": FORMAT}
-            )
             elapsed = time.perf_counter() - started
-            write_json(
-                meta_path,
-                {  # written last: it names the step the files above hold
+            # One atomic file: weights + Adam state + this JSON; the weights and JSON exports are
+            # written after it commits, tagged with it (runs.commit_checkpoint).
+            save_training_checkpoint(
+                ckpt_path, model, optimizer, progress=step,
+                exports={"weights": WEIGHTS_FILE, "weights_metadata": {"step": step, "format": FORMAT},
+                         "json": CONFIG_FILE},
+                state={
                     "format": FORMAT,
                     "format_version": FORMAT_VERSION,
                     "config": asdict(cfg),
@@ -343,15 +348,15 @@ def train_vae(
                     "steps": total,
                     "batch_size": batch_size,
                     "lr": lr,
+                    "lr_changes": lr_changes,
                     "seed": seed,
                     "data": {"source": pool.describe, "frames": pool.size},
                     "images_per_second": round(images / elapsed, 1) if elapsed > 0 else None,
                     "history": history,
                     "seconds": seconds + elapsed,
-                    "optimizer": opt_extra,
                     "versions": versions(),
                 },
-            )
+            )  # fmt: skip
     bar.close()
     if writer is not None:
         writer.close()
