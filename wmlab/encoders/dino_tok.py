@@ -35,7 +35,9 @@ How this differs from the paper (say so in any result that uses it):
 Files written by ``train_tokenizer(data, out)`` into ``out/``: ``tokenizer.safetensors`` (projection +
 decoder), ``tokenizer.json`` (config, DINOv2 weights source + sha256, step, loss history), and
 ``checkpoint.safetensors`` (weights + optimizer state, for resuming). Every file is written to a temp name and
-renamed; ``tokenizer.json`` is written last. ``make_encoder("dino_tok", weights=out)`` loads them and checks
+renamed; the checkpoint is one file holding the weights, the optimizer and the JSON state, and
+``tokenizer.safetensors`` + ``tokenizer.json`` are exports written after it (``wmlab.runs``).
+``make_encoder("dino_tok", weights=out)`` loads them and checks
 the DINOv2 weights' sha256 against the one trained with. ``weights="official:<path>"`` is reserved for the
 authors' weights once public (``load_official``).
 """
@@ -54,6 +56,7 @@ from torch.nn import functional as F
 
 from wmlab.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderInfo, normalize, resize
 from wmlab.encoders.weights import freeze, weights_sha256
+from wmlab.runs import locked_run
 
 FORMAT = "wmlab-dino-tok"
 FORMAT_VERSION = 1
@@ -267,6 +270,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@locked_run("out", "tokenizer training run")  # a second writer of out/ is refused
 def train_tokenizer(
     data,
     out,
@@ -308,12 +312,10 @@ def train_tokenizer(
     from wmlab.data.store import TrajectoryStore
     from wmlab.data.windows import split_episodes
     from wmlab.runs import (
-        atomic_save_tensors,
         load_training_checkpoint,
         resumable_run,
         save_training_checkpoint,
         versions,
-        write_json,
     )
 
     if input_size % CELL:
@@ -376,7 +378,8 @@ def train_tokenizer(
             group["lr"] = lr
         from safetensors import safe_open
 
-        with safe_open(str(ckpt_path), "pt") as f:  # the checkpoint's own step: it is written before the json
+        # One-file checkpoints hold their state (meta is it); an older-layout one names its own step.
+        with safe_open(str(ckpt_path), "pt") as f:
             step = int((f.metadata() or {}).get("step", meta["step"]))
         history = [h for h in meta.get("history", []) if h["step"] <= step]
         seconds = float(meta.get("seconds", 0.0))
@@ -409,11 +412,12 @@ def train_tokenizer(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % save_every == 0 or step == steps:
             history.append({"step": step, "train_mse": loss.item(), "val_mse": validate()})
-            opt_extra = save_training_checkpoint(ckpt_path, head, optimizer, metadata={"step": step})
-            atomic_save_tensors(
-                head.state_dict(), out / WEIGHTS_FILE, metadata={"step": step, "format": FORMAT}
-            )
-            write_json(meta_path, {  # written last: it names the step the files above hold
+            # One atomic file: weights + Adam state + this JSON; tokenizer.safetensors and tokenizer.json
+            # are exports written after it commits, tagged with it (runs.commit_checkpoint).
+            save_training_checkpoint(ckpt_path, head, optimizer, progress=step, exports={
+                "weights": WEIGHTS_FILE, "weights_metadata": {"step": step, "format": FORMAT},
+                "json": CONFIG_FILE,
+            }, state={
                 "format": FORMAT, "format_version": FORMAT_VERSION, "reimplementation_of": PAPER,
                 "differs_from_paper": ["continuous AE only: no VQ / Dominant-Subspace Quantization",
                                        "DINO version, layers, fusion and channel count chosen by wmlab",
@@ -423,7 +427,7 @@ def train_tokenizer(
                 "data": {"path": str(store.path), "train_episodes": len(train_ids),
                          "val_episodes": len(val_ids)},
                 "history": history, "seconds": seconds + time.perf_counter() - started,
-                "optimizer": opt_extra, "versions": versions(),
+                "versions": versions(),
             })  # fmt: skip
     bar.close()
     return out
