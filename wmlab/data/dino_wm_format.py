@@ -19,7 +19,6 @@ writes the same dtypes so DINO-WM's loader sees exactly what it would see for it
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import time
 import warnings
@@ -28,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from wmlab.data.errors import DatasetError
-from wmlab.data.store import StoreSpec, TrajectoryStore
+from wmlab.data.store import StoreSpec, TrajectoryStore, clean_dead_partials, fault_point
+from wmlab.integrity import WriterLock, atomic_write_with
 
 #: What each top-level file is, for error messages that say what the folder needs.
 TOP_FILES = {
@@ -170,6 +170,16 @@ class DinoWMDataset:
                 f"{self.path / 'seq_lengths.pth'}: episode {i} has length {lengths[i]}, outside [1, {t_max}] "
                 f"(T_max of states.pth); {bad.size} episode(s) are out of range"
             )
+        valid = np.arange(t_max)[None, :] < lengths.astype(np.int64)[:, None]  # (N, T_max)
+        for name, array in (("states.pth", states), ("actions.pth", actions)):
+            bad = ~np.isfinite(array).all(axis=-1) & valid  # (N, T_max)
+            if bad.any():
+                episode, step = (int(v) for v in np.argwhere(bad)[0])
+                raise DatasetError(
+                    f"{self.path / name}: episode {episode} holds NaN or inf at step {step} "
+                    f"({int(bad.any(1).sum())} episode(s) affected); the file is corrupt or was written "
+                    "from broken data. Download or export it again"
+                )
 
     def _check_obses_files(self) -> None:
         obses = self.path / OBSES_DIR
@@ -302,7 +312,12 @@ class DinoWMDataset:
 
 # ---------------------------------------------------------------- DINO-WM -> wmlab store
 def convert_dino_wm(
-    src: str | Path, out: str | Path, *, env: str = "point_maze", progress: bool = True
+    src: str | Path,
+    out: str | Path,
+    *,
+    env: str = "point_maze",
+    progress: bool = True,
+    lock_wait: float = 0.0,
 ) -> TrajectoryStore:
     """Convert the DINO-WM folder ``src`` into a wmlab store at ``out``; returns it read-only.
 
@@ -310,11 +325,18 @@ def convert_dino_wm(
     (H, W, 3) as in the source. Seeds are unknown in DINO-WM data and are recorded as -1.
     Resumable: if ``out`` already holds a conversion of the same source (same states/actions/
     seq_lengths fingerprint), committed episodes are skipped and the rest converted. Any other
-    existing ``out`` raises ``DatasetError``.
+    existing ``out`` raises ``DatasetError``. Holds ``out``'s writer lock: a second writer raises
+    ``LockHeld`` (or waits ``lock_wait`` seconds).
     """
     src, out = Path(src), Path(out)
-    ds = DinoWMDataset(src)
+    ds = DinoWMDataset(src)  # validated (shapes, lengths, finite values) before anything is created
+    with WriterLock(out, "dataset", wait=lock_wait):
+        return _convert_locked(ds, src, out, env, progress)
+
+
+def _convert_locked(ds: DinoWMDataset, src: Path, out: Path, env: str, progress: bool) -> TrajectoryStore:
     store = _open_or_create_store(ds, src, out, env)
+    clean_dead_partials(out)  # we hold the lock: every temp file in it is a dead writer's
     lengths = store.lengths
     # A committed slot whose length disagrees with the source means the source changed under us.
     wrong = [int(i) for i in store.committed if lengths[i] != ds.lengths[i]]
@@ -346,6 +368,7 @@ def convert_dino_wm(
             bar.update(1)
             if len(pending) >= COMMIT_BATCH:
                 store.commit(pending)
+                fault_point("convert:committed")
                 pending = {}
     finally:
         # Episodes fully written before an error or Ctrl-C are kept, so a re-run does less work.
@@ -414,10 +437,7 @@ def _open_or_create_store(ds: DinoWMDataset, src: Path, out: Path, env: str) -> 
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    store = TrajectoryStore.create(out, spec, metadata)
-    store.set_seeds(np.full(ds.n_episodes, UNKNOWN_SEED, dtype=np.int64))
-    return store
+    return TrajectoryStore.create(out, spec, metadata, seeds=np.full(ds.n_episodes, UNKNOWN_SEED, np.int64))
 
 
 def _versions() -> dict:
@@ -451,10 +471,16 @@ def export_dino_wm(
     refused unless ``overwrite=True`` (which replaces these files and removes stale episode files,
     leaving anything else in the folder alone). Returns ``out_dir``.
     """
-    import torch
 
     store = store_or_path if isinstance(store_or_path, TrajectoryStore) else TrajectoryStore(store_or_path)
     out_dir = Path(out_dir)
+    with WriterLock(out_dir, "DINO-WM folder"):
+        return _export_locked(store, out_dir, overwrite, progress)
+
+
+def _export_locked(store: TrajectoryStore, out_dir: Path, overwrite: bool, progress: bool) -> Path:
+    import torch
+
     if out_dir.exists() and not out_dir.is_dir():
         raise DatasetError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -491,12 +517,7 @@ def export_dino_wm(
 
 
 def _atomic_torch_save(value, path: Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename: readers never see half a file."""
+    """``torch.save`` to a temp file unique to this writer, then rename: readers never see half a file."""
     import torch
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        torch.save(value, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_with(path, lambda tmp: torch.save(value, tmp))

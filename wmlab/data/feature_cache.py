@@ -10,15 +10,24 @@ Layout (beside the dataset, one folder per encoder configuration; ``E``, ``T`` a
     <dataset>.zarr/features/<EncoderInfo.cache_key()>/
       zarr.json    group attrs: encoder (every EncoderInfo field), dataset (path, fingerprint,
                    slots, committed episodes), precision, versions, created, last_run
-      tokens   float16 (E, T, N, D)   one shard file per episode, one Blosc chunk per frame
-      lengths  int64 (E,)             0 = not encoded yet; else the episode's length
+      tokens   float16 (E, T, N, D)   one shard file per episode, one Blosc chunk + CRC32C per frame
+      lengths  int64 (E,)             0 = not encoded yet; else the episode's length (CRC32C-checked)
 
 It follows the store's design (``wmlab.data.store``): one shard file per episode written whole and
 atomically (temp file + rename), then made visible by rewriting the ``lengths`` commit index (one
 atomic file), so a killed run loses at most the episodes it had in flight and a re-run encodes
 only the uncommitted ones. A cache records the dataset's ``fingerprint()`` and its encoder's info;
 opening it for a changed dataset or a different encoder raises ``DatasetError`` naming what
-differs, so stale features are never used silently. One writer per cache at a time.
+differs, so stale features are never used silently. The dataset's fingerprint covers its content
+(per-episode digests), so re-collecting an episode with other pixels makes the cache stale too.
+
+Integrity and concurrency (format 2). Every token chunk carries Zarr's ``crc32c`` (verified by the
+fast path before decoding) and so does ``lengths``, whose fill value -1 makes a lost commit index an
+error rather than an empty cache. One writer per cache: ``encode_dataset`` holds the cache's
+``WriterLock`` (a second encoder is refused with who holds it, or waits ``lock_wait`` seconds);
+readers take no lock. A cache is made under one precision (``fp32`` on CPU, ``bf16-autocast`` on
+CUDA), part of its key: encoding more episodes under another precision is refused, never mixed.
+Format-1 caches (no checksums) are still read.
 """
 
 from __future__ import annotations
@@ -27,20 +36,23 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import os
+import shlex
 import shutil
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from wmlab.data.errors import DatasetError
 from wmlab.data.shards import EpisodeShards
-from wmlab.data.store import jsonable
+from wmlab.data.store import clean_dead_partials, fault_point, jsonable, remove_dead_temp_dirs
+from wmlab.integrity import WriterLock, fsync_dir, unique_tmp
 
 FORMAT_NAME = "wmlab-features"
-FORMAT_VERSION = 1
+#: 2: CRC32C on every chunk, ``lengths`` filled with -1, ``encode_args`` recorded. 1: no checksums.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FEATURES_DIR = "features"
 #: EncoderInfo fields a cache and the encoder asking for it must agree on (the tokens depend on them).
 CHECKED_FIELDS = ("name", "weights_sha256", "input_size", "token_pool", "num_tokens", "dim", "grid")
@@ -63,9 +75,58 @@ def cache_path(dataset_path: str | Path, encoder_info) -> Path:
     return Path(dataset_path) / FEATURES_DIR / encoder_info.cache_key()
 
 
-def _encode_hint(dataset, info) -> str:
-    name = info.name if info is not None else "<name>"
-    return f"`wmlab encode data={dataset} encoder={name}`"
+def encode_command(dataset, args: dict | None = None, info=None, out=None) -> str:
+    """A valid ``wmlab encode`` command line that rebuilds a cache: ``encoder=<config choice>`` plus
+    ``encoder.<key>=<value>`` for every option it was made with (``args`` as recorded in the cache's
+    ``encode_args``); without them, the choice and options are derived from ``info``."""
+    if args is None:
+        args = _args_from_info(info) if info is not None else {"encoder": "<name>", "kwargs": {}}
+    words = ["wmlab", "encode", f"data={dataset}", f"encoder={args['encoder']}"]
+    if args.get("weights") is not None:
+        words.append(f"encoder.weights={args['weights']}")
+    if int(args.get("token_pool", 1)) != 1:
+        words.append(f"encoder.token_pool={int(args['token_pool'])}")
+    for key, value in sorted((args.get("kwargs") or {}).items()):
+        words.append(f"encoder.{key}={_override_value(value)}")
+    if out is not None:
+        words.append(f"out={out}")
+    return "`" + " ".join(shlex.quote(w) for w in words) + "`"
+
+
+def _override_value(value) -> str:
+    """A Hydra override value: null/true/false, numbers as they are, lists as [a,b], strings bare."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _args_from_info(info) -> dict:
+    """Best-effort encode arguments of an encoder from its ``EncoderInfo`` (caches of format 1 or no
+    cache yet): families mark non-default options in the name (``dinov2_patch+dino_wm_norm``)."""
+    choice, _, suffix = info.name.partition("+")
+    kwargs: dict = {}
+    if suffix.endswith("_norm"):
+        kwargs["norm"] = suffix[: -len("_norm")]
+    elif suffix:
+        kwargs["output"] = suffix
+    for key in ("patch_size", "size"):
+        if key in (info.extra or {}) and choice in ("pixels", "random_vit"):
+            kwargs[key] = info.extra[key]
+    if choice in ("pixels", "random_vit") or info.input_size:
+        kwargs.setdefault("input_size", info.input_size)
+    return {"encoder": choice, "weights": info.weights, "token_pool": info.token_pool, "kwargs": kwargs}
+
+
+def _encode_hint(dataset, info, cache=None) -> str:
+    args = cache.metadata.get("encode_args") if cache is not None else None
+    out = None
+    if cache is not None and info is not None and cache.path != cache_path(dataset, info):
+        out = cache.path
+    return encode_command(dataset, args, info if args is None else None, out)
 
 
 def _info_from_json(meta: dict):
@@ -112,10 +173,11 @@ class FeatureCache:
             raise DatasetError(
                 f"{self.path} is not a wmlab feature cache (format {self.metadata.get('format')!r})"
             )
-        if self.metadata.get("format_version") != FORMAT_VERSION:
+        self.format_version = self.metadata.get("format_version")
+        if self.format_version not in READABLE_VERSIONS:
             raise DatasetError(
-                f"feature cache {self.path} has format version {self.metadata.get('format_version')}, this "
-                f"wmlab reads {FORMAT_VERSION}; delete it and re-run `wmlab encode`"
+                f"feature cache {self.path} has format version {self.format_version}, this "
+                f"wmlab reads {list(READABLE_VERSIONS)}; delete it and re-run `wmlab encode`"
             )
         missing = [name for name in ("tokens", "lengths") if name not in self.group]
         if missing:
@@ -140,9 +202,31 @@ class FeatureCache:
         return (type(self), (str(self.path), self.mode))
 
     # ------------------------------------------------------------------ reading
+    @property
+    def checksummed(self) -> bool:
+        """True when every token chunk carries a CRC32C (format 2)."""
+        return self._shards.checksummed
+
     def refresh(self) -> None:
-        """Re-read the commit index (an encoder may be running)."""
-        self._lengths = np.asarray(self._lengths_array[:], dtype=np.int64)
+        """Re-read the commit index (an encoder may be running). A missing or corrupt one raises
+        ``DatasetError`` (never reads as an empty cache)."""
+        fix = f"delete {self.path} and re-run `wmlab encode`"
+        try:
+            lengths = np.asarray(self._lengths_array[:], dtype=np.int64)
+        except Exception as err:
+            raise DatasetError(
+                f"the commit index {self.path / 'lengths'} of feature cache {self.path} is corrupt "
+                f"({type(err).__name__}: {str(err)[:120]}); {fix}"
+            ) from err
+        if (lengths == -1).any():
+            raise DatasetError(
+                f"the commit index {self.path / 'lengths'} of feature cache {self.path} is missing; {fix}"
+            )
+        if ((lengths < 0) | (lengths > self.tokens.shape[1])).any():
+            raise DatasetError(
+                f"the commit index {self.path / 'lengths'} is corrupt (lengths out of range); {fix}"
+            )
+        self._lengths = lengths
 
     @property
     def lengths(self) -> np.ndarray:
@@ -216,7 +300,7 @@ class FeatureCache:
         if problems:
             raise DatasetError(
                 f"feature cache {self.path} does not match: {'; '.join(problems)}. It will not be used: "
-                f"delete {self.path} and re-run {_encode_hint(store.path, encoder_info or self.info)}"
+                f"delete {self.path} and re-run {_encode_hint(store.path, encoder_info or self.info, self)}"
             )
 
     # ------------------------------------------------------------------ writing
@@ -277,10 +361,17 @@ def open_feature_cache(dataset, encoder_info, require_complete: bool = True) -> 
     if require_complete:
         missing = np.flatnonzero((store.lengths > 0) & (cache.lengths == 0))
         if missing.size:
+            holder = WriterLock(path, "feature cache").holder()
+            why = (
+                f"it is being written right now by pid {holder.get('pid')} on {holder.get('host')}; wait "
+                "for that encoder to finish"
+                if holder
+                else f"the encoding was interrupted; run {_encode_hint(store.path, encoder_info, cache)} "
+                "again to finish it"
+            )
             raise DatasetError(
                 f"feature cache {path} lacks {missing.size} of {len(store)} episodes "
-                f"(e.g. {missing[:5].tolist()}): the encoding was interrupted; run "
-                f"{_encode_hint(store.path, encoder_info)} again to finish it"
+                f"(e.g. {missing[:5].tolist()}): {why}"
             )
     return cache
 
@@ -306,6 +397,7 @@ def encode_dataset(
     progress: bool = True,
     out: str | Path | None = None,
     episodes=None,
+    lock_wait: float = 0.0,
 ) -> FeatureCache:
     """Encode every complete episode of ``data`` (a path or ``TrajectoryStore``) once with encoder
     ``encoder_name`` (built by ``make_encoder(encoder_name, weights=, token_pool=, **encoder_kwargs)``).
@@ -314,32 +406,46 @@ def encode_dataset(
     Frames stream through in batches of ``batch_size`` (across episode boundaries), under bf16
     autocast on CUDA and fp32 elsewhere. Re-running resumes: encoded episodes are skipped. A cache
     made from another dataset state or encoder raises ``DatasetError``. ``episodes`` limits the run
-    to those slots (default: all complete ones). Returns the cache, read-only.
+    to those slots (default: all complete ones). Holds the cache's writer lock while it writes:
+    another encoder of the same cache makes this raise ``LockHeld`` (or wait ``lock_wait`` seconds).
+    Encoding into a cache made under another precision (fp32 vs bf16) is refused. Returns the cache,
+    read-only.
     """
-    import torch
-
     from wmlab.data.store import TrajectoryStore
     from wmlab.encoders import make_encoder
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise DatasetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     store = data if isinstance(data, TrajectoryStore) else TrajectoryStore(data)
     device = _resolve_device(device)
-    encoder = make_encoder(encoder_name, weights=weights, token_pool=token_pool, **dict(encoder_kwargs or {}))
+    encoder_kwargs = dict(encoder_kwargs or {})
+    encoder = make_encoder(encoder_name, weights=weights, token_pool=token_pool, **encoder_kwargs)
     info = encoder.info
     if not info.frozen:
         raise ValueError(f"encoder {info.name} is trainable; caching its features would freeze it")
     encoder = encoder.to(device).eval()
     path = Path(out) if out is not None else cache_path(store.path, info)
+    args = {"encoder": encoder_name, "weights": weights, "token_pool": token_pool, "kwargs": encoder_kwargs}
+    with WriterLock(path, "feature cache", wait=lock_wait):
+        return _encode_locked(store, encoder, info, path, args, device, batch_size, progress, episodes)
+
+
+def _encode_locked(store, encoder, info, path, args, device, batch_size, progress, episodes) -> FeatureCache:
+    """``encode_dataset``'s work, under the cache's writer lock."""
+    import torch
+
     use_amp = device.type == "cuda"
     precision = "bf16-autocast" if use_amp else "fp32"
-    cache = _open_or_create(path, store, info, precision=precision)
-    if len(cache) and cache.metadata.get("precision") != precision:
-        warnings.warn(
-            f"resuming feature cache {path} made under {cache.metadata.get('precision')} with {precision} "
-            f"on {device}: its episodes will differ slightly in precision",
-            stacklevel=2,
-        )
+    cache = _open_or_create(path, store, info, precision=precision, args=args)
+    clean_dead_partials(path)  # we hold the lock and write nothing yet: every temp file is dead
+    if cache.metadata.get("precision") != precision:
+        if len(cache):
+            raise DatasetError(
+                f"feature cache {path} was made under {cache.metadata.get('precision')} and this run would "
+                f"encode under {precision} on {device}; one cache never mixes precisions. Encode on the "
+                f"device it was made on, or delete {path} and encode again"
+            )
+        cache.update_metadata(precision=precision)
 
     lengths = store.lengths
     if episodes is None:
@@ -482,8 +588,12 @@ def _load_frames(store, batch, pin: bool):
     return frames.pin_memory() if pin else frames
 
 
-def _open_or_create(path: Path, store, info, precision: str) -> FeatureCache:
-    """Open the cache at ``path`` for writing after checking it fits, or create an empty one."""
+def _open_or_create(path: Path, store, info, precision: str, args: dict | None = None) -> FeatureCache:
+    """Open the cache at ``path`` for writing after checking it fits, or create an empty one.
+
+    Called under the cache's writer lock. A new cache is built whole in a temp directory unique to
+    this writer (arrays, an all-zero commit index, metadata) and renamed into place.
+    """
     if path.exists():
         if not (path / "zarr.json").is_file():
             raise DatasetError(f"{path} exists but is not a feature cache; delete it or pass another out=")
@@ -491,60 +601,65 @@ def _open_or_create(path: Path, store, info, precision: str) -> FeatureCache:
         cache.check_matches(store, info)
         return cache
     zarr = _zarr()
-    from zarr.codecs import BloscCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
     import wmlab
 
     if path.parent.name == FEATURES_DIR and not (path.parent / "zarr.json").is_file():
         # A group of its own, so the dataset stays a clean Zarr hierarchy (Zarr warns on bare folders).
         zarr.open_group(str(path.parent), mode="a").attrs.update({"about": "wmlab frozen-feature caches"})
-    # Built aside and renamed into place: a killed run leaves no cache, never one lacking arrays.
-    tmp = path.parent / f".{path.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(str(tmp), mode="w-")
-    E, T, N, D = store.n_slots, store.max_len, info.num_tokens, info.dim
-    flat_keys = {"name": "default", "separator": "."}  # one folder of files, as in the store
-    group.create_array(
-        "tokens", shape=(E, T, N, D), chunks=(1, 1, N, D), shards=(1, T, N, D), dtype="float16",
-        compressors=[BloscCodec(**COMPRESSION)], fill_value=0.0, chunk_key_encoding=flat_keys,
-    )  # fmt: skip
-    group.create_array(
-        "lengths", shape=(E,), chunks=(max(E, 1),), dtype="int64", fill_value=0, chunk_key_encoding=flat_keys
-    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temp_dirs(path)
+    tmp = unique_tmp(path)
     import torch
 
-    group.attrs.update(
-        jsonable(
-            {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "encoder": dataclasses.asdict(info),
-                "cache_key": info.cache_key(),
-                "dataset": {
-                    "path": str(store.path.resolve()),
-                    "fingerprint": store.fingerprint(),
-                    "n_slots": store.n_slots,
-                    "max_len": store.max_len,
-                    "committed": len(store),
-                    "frame_shape": list(store.frame_shape),
-                },
-                "dtype": "float16",
-                "precision": precision,
-                "versions": {
-                    "wmlab": wmlab.__version__,
-                    "torch": torch.__version__,
-                    "zarr": zarr.__version__,
-                },
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-        )
-    )
     try:
+        group = zarr.open_group(str(tmp), mode="w-")
+        E, T, N, D = store.n_slots, store.max_len, info.num_tokens, info.dim
+        flat_keys = {"name": "default", "separator": "."}  # one folder of files, as in the store
+        group.create_array(
+            "tokens", shape=(E, T, N, D), chunks=(1, 1, N, D), shards=(1, T, N, D), dtype="float16",
+            compressors=[BloscCodec(**COMPRESSION), Crc32cCodec()], fill_value=0.0,
+            chunk_key_encoding=flat_keys,
+        )  # fmt: skip
+        group.create_array(
+            "lengths", shape=(E,), chunks=(max(E, 1),), dtype="int64", fill_value=-1,
+            compressors=[Crc32cCodec()], chunk_key_encoding=flat_keys,
+        )  # fmt: skip
+        group["lengths"][:] = np.zeros(E, np.int64)
+        fault_point("cache.create:arrays")
+        group.attrs.update(
+            jsonable(
+                {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "encoder": dataclasses.asdict(info),
+                    "cache_key": info.cache_key(),
+                    "encode_args": args,
+                    "dataset": {
+                        "path": str(store.path.resolve()),
+                        "fingerprint": store.fingerprint(),
+                        "n_slots": store.n_slots,
+                        "max_len": store.max_len,
+                        "committed": len(store),
+                        "frame_shape": list(store.frame_shape),
+                    },
+                    "dtype": "float16",
+                    "precision": precision,
+                    "versions": {
+                        "wmlab": wmlab.__version__,
+                        "torch": torch.__version__,
+                        "zarr": zarr.__version__,
+                    },
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
+        )
         os.rename(tmp, path)
-    except OSError:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (path / "zarr.json").is_file():
-            raise
+        raise
+    fsync_dir(path.parent)
     cache = FeatureCache(path, mode="a")
     cache.check_matches(store, info)
     return cache

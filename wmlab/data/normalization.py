@@ -7,13 +7,13 @@ into the statistics; we use training episodes only. Std is the unbiased estimate
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from wmlab.data.errors import DatasetError
+from wmlab.integrity import atomic_write_json
 
 #: A dimension that never varies (e.g. a padded action) would divide by zero; clamp its std.
 MIN_STD = 1e-6
@@ -29,8 +29,14 @@ class NormalizationStats:
     proprio_std: np.ndarray
 
     @classmethod
-    def compute(cls, actions: np.ndarray, proprio: np.ndarray, lengths: np.ndarray) -> NormalizationStats:
-        """From padded arrays actions (E, T, A), proprio (E, T, P) and valid lengths (E,)."""
+    def compute(
+        cls, actions: np.ndarray, proprio: np.ndarray, lengths: np.ndarray, episodes=None
+    ) -> NormalizationStats:
+        """From padded arrays actions (E, T, A), proprio (E, T, P) and valid lengths (E,).
+
+        ``episodes`` (E,) names the rows in errors (default 0..E-1). Non-finite values in the valid
+        steps raise ``DatasetError`` naming the episode and field, so a NaN never reaches the stats.
+        """
         if actions.shape[:2] != proprio.shape[:2] or len(lengths) != actions.shape[0]:
             raise DatasetError(
                 f"actions {actions.shape}, proprio {proprio.shape} and lengths {lengths.shape} disagree"
@@ -38,6 +44,16 @@ class NormalizationStats:
         valid = np.arange(actions.shape[1])[None, :] < np.asarray(lengths)[:, None]  # (E, T)
         if valid.sum() < 2:
             raise DatasetError("need at least 2 valid steps to compute normalization statistics")
+        names = np.arange(len(lengths)) if episodes is None else np.asarray(episodes).reshape(-1)
+        for field, values in (("actions", actions), ("proprio (states)", proprio)):
+            bad = ~np.isfinite(values).all(axis=-1) & valid  # (E, T)
+            if bad.any():
+                row, step = (int(v) for v in np.argwhere(bad)[0])
+                raise DatasetError(
+                    f"{field} of episode {int(names[row])} are not finite (NaN or inf) at step {step} "
+                    f"({int(bad.any(1).sum())} episode(s) affected): normalization statistics cannot be "
+                    "computed. Fix or re-collect those episodes, or leave them out"
+                )
         a, p = actions[valid].astype(np.float64), proprio[valid].astype(np.float64)  # (V, A), (V, P)
         return cls(
             action_mean=a.mean(0).astype(np.float32),
@@ -66,20 +82,31 @@ class NormalizationStats:
         missing = {"action_mean", "action_std", "proprio_mean", "proprio_std"} - set(d)
         if missing:
             raise DatasetError(f"normalization stats lack {sorted(missing)}")
-        return cls(**{k: np.asarray(d[k], dtype=np.float32) for k in cls.__dataclass_fields__})
+        stats = cls(**{k: np.asarray(d[k], dtype=np.float32) for k in cls.__dataclass_fields__})
+        stats.check_finite()
+        return stats
+
+    def check_finite(self, where: str = "normalization stats") -> None:
+        """Raise ``DatasetError`` if any mean or std is NaN or inf (naming which)."""
+        bad = [k for k, v in self.__dict__.items() if not np.isfinite(np.asarray(v, dtype=np.float64)).all()]
+        if bad:
+            raise DatasetError(
+                f"{where} hold non-finite values in {bad}; the data they came from holds NaN or inf. "
+                "Recompute them from clean data"
+            )
 
     def save(self, path: str | Path) -> None:
-        """Write JSON atomically."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".partial")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        """Write JSON atomically (temp name unique to this writer, then rename); refuses NaN stats."""
+        self.check_finite(f"normalization stats for {path}")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> NormalizationStats:
         path = Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))
+        except DatasetError as err:
+            raise DatasetError(f"{path}: {err}") from err
         except FileNotFoundError:
             raise DatasetError(f"normalization stats not found at {path}") from None
         except json.JSONDecodeError as err:

@@ -236,10 +236,13 @@ class TrajectoryStore:
         self._require_writable()
         if n_episodes <= self.n_slots:
             return
+        old = self._read("lengths", "the commit index")
+        seeds = self._read("seeds", "the episode seeds")[: len(old)]
         for name, array in self.arrays.items():
             if name != "lengths" and array.shape[0] < n_episodes:
                 array.resize((n_episodes, *array.shape[1:]))
-        old = self._read("lengths", "the commit index")
+        # New slots' seeds are unknown (-1) until the collector sets them; never the "lost" fill.
+        self.arrays["seeds"][:] = np.concatenate([seeds, np.full(n_episodes - len(seeds), -1, np.int64)])
         self.arrays["lengths"].resize((n_episodes,))
         fault_point("store.grow:lengths_resized")
         self.arrays["lengths"][:] = np.concatenate([old, np.zeros(n_episodes - len(old), np.int64)])
@@ -285,8 +288,8 @@ class TrajectoryStore:
             return
         if "digests" in self.arrays:
             digests = self._read("digests", "the episode digests")
-            for index in lengths_by_index:
-                digests[index] = self.compute_digest(int(index))
+            for index, length in lengths_by_index.items():
+                digests[index] = self.compute_digest(int(index)) if length else -1
             self.arrays["digests"][:] = digests
             fault_point("store.commit:digests")
         lengths = self._read("lengths", "the commit index")

@@ -177,7 +177,7 @@ def make_datasets(
     lengths = store.lengths
     if stats is None:
         stats = NormalizationStats.compute(
-            store.all_actions()[train_ids], store.all_states()[train_ids], lengths[train_ids]
+            store.all_actions()[train_ids], store.all_states()[train_ids], lengths[train_ids], train_ids
         )
     train = WindowDataset(store, train_ids, spec, stats, source, drop_short)
     val = WindowDataset(store, val_ids, spec, stats, source, drop_short) if len(val_ids) else None
