@@ -11,6 +11,7 @@ are resized to that size and scaled to [-1, 1] as DINO-WM does.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -20,17 +21,21 @@ from torch.nn import functional as F
 
 from wmlab.data.store import TrajectoryStore
 from wmlab.data.windows import split_episodes
+from wmlab.integrity import UserError, WriterLock
 from wmlab.models.decoder import DecoderConfig, LatentDecoder
 from wmlab.runs import (
-    atomic_save_tensors,
+    apply_optimizer_settings,
+    ensure_exports,
     load_tensors,
     load_training_checkpoint,
     read_config,
     read_json,
+    resumable_run,
     save_training_checkpoint,
-    write_json,
 )
-from wmlab.train import build_encoder, find_feature_cache, resolve_device
+from wmlab.train import RUN_WHAT, TrainingError, build_encoder, find_feature_cache, resolve_device
+
+CHECKPOINT_FILE = "decoder_checkpoint.safetensors"  # one file: weights + Adam state + decoder.json's state
 
 
 def _frames_to_targets(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -57,8 +62,31 @@ def train_decoder(
     """Train ``<run>/decoder.safetensors`` from the run's encoder tokens; resumes from the last save.
 
     Returns the path of the decoder weights. Metrics (reconstruction MSE on held-out frames) go to
-    ``<run>/decoder.json``.
+    ``<run>/decoder.json``. The run directory is locked while the decoder trains (a second writer,
+    ``train`` or ``train-decoder``, is refused with who holds it); values that cannot train are
+    refused before anything is written.
     """
+    sizes = {
+        "steps": (steps, 1),
+        "batch_size": (batch_size, 1),
+        "save_every": (save_every, 1),
+        "channel": (channel, 1),
+        "n_res_block": (n_res_block, 0),
+        "n_res_channel": (n_res_channel, 1),
+    }
+    for name, (value, low) in sizes.items():  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UserError(f"train-decoder {name}={value!r} is not valid: it must be an integer >= {low}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise UserError(f"train-decoder lr={lr!r} is not valid: it must be a finite number > 0")
+    with WriterLock(Path(run_dir), RUN_WHAT):
+        return _train_decoder(run_dir, steps, batch_size, lr, channel, n_res_block, n_res_channel, save_every,
+                              device, progress, seed)  # fmt: skip
+
+
+def _train_decoder(
+    run_dir, steps, batch_size, lr, channel, n_res_block, n_res_channel, save_every, device, progress, seed
+) -> Path:
     run_dir = Path(run_dir)
     cfg = read_config(run_dir / "config.yaml")
     dev = resolve_device(device)
@@ -77,20 +105,16 @@ def train_decoder(
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
     train_ids, val_ids = split_episodes(store.committed, float(cfg["split_ratio"]), int(cfg["split_seed"]))
     lengths = store.lengths
-    rng = np.random.default_rng(seed)
-    state_path = run_dir / "decoder.json"
-    step = 0
-    if state_path.exists() and (run_dir / "decoder_checkpoint.safetensors").exists():
-        state = read_json(state_path)
-        if state["config"] != dcfg.__dict__:
-            raise ValueError(
-                f"{run_dir} has a decoder with another config {state['config']}; delete decoder.* to restart"
-            )
-        load_training_checkpoint(
-            run_dir / "decoder_checkpoint.safetensors", decoder, optimizer, state["optimizer"]
-        )
-        step = int(state["step"])
-        rng = np.random.default_rng([seed, step])
+    state_path, ckpt_path = run_dir / "decoder.json", run_dir / CHECKPOINT_FILE
+    step, history = 0, []
+    state = resumable_run(state_path, ckpt_path, dcfg.__dict__, "a decoder")
+    if state is not None:
+        load_training_checkpoint(ckpt_path, decoder, optimizer, state["optimizer"])
+        step, history = int(state["step"]), list(state.get("history", []))
+    lr_changes = list((state or {}).get("lr_changes", []))
+    changed = apply_optimizer_settings(optimizer, [{"lr": float(lr)}])  # the lr asked for now wins
+    if changed and state is not None:
+        lr_changes.append({"step": step, "changes": changed})
 
     def sample(ids: np.ndarray, n: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
         episodes = generator.choice(ids, size=n)
@@ -110,16 +134,16 @@ def train_decoder(
 
     val_rng = np.random.default_rng(12345)
     val_batch = sample(val_ids if len(val_ids) else train_ids, min(64, 4 * batch_size), val_rng)
-    history = read_json(state_path).get("history", []) if state_path.exists() else []
     bar = tqdm(total=steps, initial=step, desc="decoder", disable=not progress)
     started = time.perf_counter()
     while step < steps:
         decoder.train()
-        tokens, targets = sample(train_ids, batch_size, rng)
+        # The batch of step t depends on (seed, t) only, so a resumed run sees the batches it would have.
+        tokens, targets = sample(train_ids, batch_size, np.random.default_rng([seed, step]))
         loss = F.mse_loss(decoder(tokens), targets)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"decoder loss became {loss.item()} at step {step + 1}; lower lr and re-run"
+            raise TrainingError(
+                f"decoder loss became {loss.item()} at step {step + 1}. {_last_good(run_dir, history, lr)}"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -131,16 +155,24 @@ def train_decoder(
             decoder.eval()
             with torch.no_grad():
                 val_mse = F.mse_loss(decoder(val_batch[0]), val_batch[1]).item()
+            bad = [
+                n for n, t in decoder.state_dict().items() if t.is_floating_point() and not t.isfinite().all()
+            ]
+            if not (math.isfinite(loss.item()) and math.isfinite(val_mse)) or bad:
+                raise TrainingError(
+                    f"decoder step {step}: validation MSE {val_mse}, non-finite weights in "
+                    f"{bad[:3] or 'none'}; not saved. {_last_good(run_dir, history, lr)}"
+                )
             history.append({"step": step, "train_mse": loss.item(), "val_mse": val_mse})
-            opt_extra = save_training_checkpoint(
-                run_dir / "decoder_checkpoint.safetensors", decoder, optimizer
-            )
-            atomic_save_tensors(decoder.state_dict(), run_dir / "decoder.safetensors")
-            # Written last: the checkpoint above counts only once this names its step.
-            write_json(state_path, {
-                "config": dcfg.__dict__, "step": step, "output_size": size, "history": history,
-                "seconds": time.perf_counter() - started, "optimizer": opt_extra,
-            })  # fmt: skip
+            # One atomic file: weights + Adam + decoder.json's state; decoder.safetensors and decoder.json
+            # are exports written after it commits, tagged with it (runs.commit_checkpoint).
+            save_training_checkpoint(
+                ckpt_path, decoder, optimizer, progress=step,
+                exports={"weights": "decoder.safetensors", "weights_metadata": {"step": step},
+                         "json": "decoder.json"},
+                state={"config": dcfg.__dict__, "step": step, "output_size": size, "history": history,
+                       "lr": lr, "lr_changes": lr_changes, "seconds": time.perf_counter() - started},
+            )  # fmt: skip
     bar.close()
     decoder.eval()
     log_decoded_rollout(run_dir, decoder, store, cache, encoder, dev, step, size)
@@ -193,9 +225,19 @@ def log_decoded_rollout(run_dir: Path, decoder, store, cache, encoder, dev, step
         writer.close()
 
 
+def _last_good(run_dir: Path, history: list, lr: float) -> str:
+    where = f"{run_dir / CHECKPOINT_FILE} (step {history[-1]['step']})" if history else "none yet"
+    return (
+        f"Last good checkpoint: {where}. Fix: re-run with a lower lr, e.g. lr={lr / 10:g} (a changed lr is "
+        "applied on resume and recorded in decoder.json 'lr_changes'); it resumes from that checkpoint."
+    )
+
+
 def load_decoder(run_dir: str | Path, device="cpu") -> LatentDecoder:
-    """The run's trained decoder (eval mode)."""
+    """The run's trained decoder (eval mode); an export that lags its checkpoint is re-exported first."""
     run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        ensure_exports(run_dir / CHECKPOINT_FILE, run_dir, RUN_WHAT)
     state = read_json(run_dir / "decoder.json")
     decoder = LatentDecoder(DecoderConfig(**state["config"]))
     decoder.load_state_dict(load_tensors(run_dir / "decoder.safetensors"))
