@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wmlab.runs import locked_run
 from wmlab.worldmodels.controller import ControllerConfig
 
 STATE_FILE = "cmaes.safetensors"
@@ -223,6 +224,7 @@ def _new_es(x0: np.ndarray, sigma0: float, popsize: int, seed: int):
     return cma.CMAEvolutionStrategy(np.asarray(x0, np.float64), float(sigma0), opts)
 
 
+@locked_run("out", "CMA-ES controller run")  # a second writer of out/ is refused
 def train_controller(
     out,
     *,
@@ -453,8 +455,11 @@ def train_controller(
                     writer.add_scalar(f"cmaes/{name}", value, g + 1)
             bar.update(1)
             bar.set_postfix(mean=f"{row[0]:.1f}", best=f"{row[1]:.1f}")
-        if done >= generations and not len(evals):
-            evaluate(done)
+        if done >= generations:
+            if not len(evals):
+                evaluate(done)
+            # cmaes.safetensors is the one atomic unit; the controller and JSON are exports written
+            # after it, so a kill between them leaves them behind: re-export them from the state.
             save(done)
     finally:
         bar.close()

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from wmlab.data.collect import episode_seed, run_episode_jobs
+from wmlab.data.collect import check_count, check_lock_wait, ensure_seeds, episode_seed, run_episode_jobs
 from wmlab.data.errors import DatasetError
-from wmlab.data.store import StoreSpec, TrajectoryStore, jsonable
+from wmlab.data.store import StoreSpec, TrajectoryStore, clean_dead_partials, jsonable
+from wmlab.integrity import WriterLock
 from wmlab.worldmodels.envs import FRAME, env_class, make_wm_env
 
 POLICIES = ("random_hold", "random_agent", "controller")
@@ -166,17 +167,20 @@ def collect_rollouts(
     workers: int = 2,
     seed: int = 0,
     progress: bool = True,
+    lock_wait: float = 0.0,
 ) -> TrajectoryStore:
     """Collect ``n_episodes`` rollouts of ``wm_env`` into ``out`` (a new or resumable ``TrajectoryStore``).
 
     A re-run with the same settings resumes (committed slots are kept, the rest redone); a larger
-    ``n_episodes`` appends slots. Returns a read-only view of the store; its metadata ``last_run`` holds
-    ``frames_per_second``.
+    ``n_episodes`` appends slots. Holds the dataset's writer lock (a second writer raises ``LockHeld``,
+    or waits ``lock_wait`` seconds). Returns a read-only view of the store; its metadata ``last_run``
+    holds ``frames_per_second``.
     """
     if policy not in POLICIES:
-        raise ValueError(f"unknown collection policy {policy!r}; known: {', '.join(POLICIES)}")
-    if n_episodes < 1:
-        raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+        raise DatasetError(f"unknown collection policy {policy!r}; known: {', '.join(POLICIES)}")
+    n_episodes = check_count("n_episodes", n_episodes)
+    workers = check_count("workers", workers)
+    lock_wait = check_lock_wait(lock_wait)
     cls = env_class(wm_env)
     env_kwargs = dict(env_kwargs or {})
     policy_kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in (policy_kwargs or {}).items()}
@@ -192,8 +196,17 @@ def collect_rollouts(
         seed=seed,
         min_len=min_len,
     )
+    with WriterLock(out, "dataset", wait=lock_wait):
+        return _collect_locked(out, cls, wanted, n_episodes, workers, progress)
+
+
+def _collect_locked(out: Path, cls, wanted: dict, n_episodes: int, workers: int, progress: bool):
+    """``collect_rollouts``' work, under the dataset's writer lock."""
+    wm_env, env_kwargs, policy = wanted["wm_env"], wanted["env_kwargs"], wanted["policy"]
+    policy_kwargs, max_steps, min_len = wanted["policy_kwargs"], wanted["max_steps"], wanted["min_len"]
     store = _open_or_create(out, cls, wanted, n_episodes)
-    seeds = np.asarray(store.arrays["seeds"][:])
+    clean_dead_partials(out)  # we hold the lock and no worker runs yet: every temp file is dead
+    seeds = store.seeds
     todo = [i for i in range(n_episodes) if store.lengths[i] == 0]
     from tqdm.auto import tqdm
 
@@ -257,7 +270,7 @@ def _open_or_create(out: Path, cls, wanted: dict, n_episodes: int) -> Trajectory
             )
         if n_episodes > store.n_slots:
             store.grow(n_episodes)
-            store.set_seeds([episode_seed(seed, i) for i in range(n_episodes)])
+        ensure_seeds(store, np.array([episode_seed(seed, i) for i in range(n_episodes)], np.int64))
         return store
     spec = StoreSpec(
         n_episodes=n_episodes,
@@ -276,7 +289,5 @@ def _open_or_create(out: Path, cls, wanted: dict, n_episodes: int) -> Trajectory
         "versions": {"wmlab": wmlab.__version__, "numpy": np.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    store = TrajectoryStore.create(out, spec, metadata)
-    store.set_seeds([episode_seed(seed, i) for i in range(n_episodes)])
-    return store
+    seeds = np.array([episode_seed(seed, i) for i in range(n_episodes)], np.int64)
+    return TrajectoryStore.create(out, spec, metadata, seeds=seeds)  # built aside, seeds included
