@@ -85,11 +85,15 @@ def test_hierarchical_bootstrap_covers_the_truth_in_a_simulation():
 def test_bootstrap_edge_cases():
     iv = hierarchical_bootstrap(np.ones((2, 5)))
     assert (iv.estimate, iv.lo, iv.hi) == (1.0, 1.0, 1.0) and iv.excludes_zero
-    assert iv.p_zero == pytest.approx(2 / 2001)
+    assert iv.p_zero == 0.0  # every replicate is 1: no doubt the mean differs from 0
     empty = hierarchical_bootstrap(np.full((2, 3), np.nan))
     assert math.isnan(empty.estimate) and empty.n_seeds == 0
     one_seed = hierarchical_bootstrap([0.0, 1.0, 0.0, 1.0])
     assert one_seed.n_seeds == 1 and one_seed.estimate == 0.5 and one_seed.lo < 0.5 < one_seed.hi
+    # p from the bootstrap standard error: mean 0.5 of a 0/1 column with se ~ 0.5 / sqrt(40) -> z ~ 6.3.
+    coin = np.tile([0.0, 1.0], 20)
+    assert hierarchical_bootstrap(coin, n_boot=4000).p_zero < 1e-6
+    assert hierarchical_bootstrap(coin - 0.5, n_boot=4000).p_zero == 1.0  # estimate exactly 0
     with pytest.raises(ValueError, match="shared"):
         hierarchical_bootstrap(np.ones((2, 2)), pairs="other")
 
