@@ -130,3 +130,26 @@ def test_a_finished_cell_of_other_settings_is_not_reused(finished_study, study_s
     ]
     assert all(k["plan"]["max_steps"] == 6 for k in keys)
     assert all(k["run"]["weights_sha256"] for k in keys if k["encoder"] != "baseline")
+
+
+def test_a_cell_being_computed_by_another_job_is_skipped_with_who_holds_it(study_store, tmp_path):
+    """Regression (issue 12 item 7): two cell jobs of one study both trained and planned the same cell."""
+    import subprocess
+    import sys
+
+    cfg = study_cfg(study_store, tmp_path, encoders=["pixels"], baselines=[])
+    target = tmp_path / "cells" / "pixels__seed0"  # Study.unit_target("pixels", 0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from wmlab.integrity import WriterLock; "
+         f"WriterLock({str(target)!r}, 'study cell').acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        run_study({**cfg, "cell": "pixels__seed0"})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "runs" / "pixels__seed0").exists()  # nothing trained twice
+    log = (tmp_path / "logs" / "failures.log").read_text()
+    assert '"stage": "busy"' in log and f"being written by pid {holder.pid}" in log
