@@ -180,7 +180,7 @@ def _first_step(quality, difficulty, max_steps, every):
 
 
 def _episode(encoder, seed, planner, i, difficulty, quality, max_steps, every=5, **extra):
-    difficulty = float(difficulty)
+    difficulty = min(max(float(difficulty), 0.0), 1.0)
     first = _first_step(quality, difficulty, max_steps, every)
     steps = np.arange(0, max_steps + 1, every)
     start = 1.0 + 4.0 * difficulty

@@ -51,8 +51,11 @@ def pair_id(row: dict):
 
 
 def has_budget_fields(rows: list[dict]) -> bool:
-    """True when every row carries ``first_reached_step`` (int or null) and a non-empty ``dist_trace``."""
-    return bool(rows) and all("first_reached_step" in r and r.get("dist_trace") for r in rows)
+    """True when every row carries ``first_reached_step`` (int or null), a non-empty ``dist_trace``
+    and ``max_steps`` (the budget the curve runs to)."""
+    return bool(rows) and all(
+        "first_reached_step" in r and r.get("dist_trace") and r.get("max_steps") for r in rows
+    )
 
 
 @dataclass
@@ -183,7 +186,8 @@ def budget_grid(rows: list[dict]) -> np.ndarray:
         points.update(float(s) for s in observation_steps(r))
         if r.get("first_reached_step") is not None:
             points.add(float(r["first_reached_step"]))
-    return np.array(sorted(points))
+    top = max(float(r["max_steps"]) for r in rows) if rows else 0.0
+    return np.array(sorted(p for p in points if 0.0 <= p <= top))
 
 
 def observation_steps(row: dict) -> np.ndarray:

@@ -327,52 +327,61 @@ def success_figure(encoders, planners, summaries, floors):
     return fig
 
 
+def _panel_legend(ax) -> None:
+    """A panel's legend below its axes (outside the data area: it covers no line or bar)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, fontsize=7, frameon=False)
+
+
+def _encoder_colors(curves: dict) -> dict[str, str]:
+    """One colour per encoder, the same in every panel (baselines are gray)."""
+    names = []
+    for per_planner in curves.values():
+        names += [n for n in per_planner if n not in names and n not in BASELINE_STYLES]
+    return {n: f"C{i % 10}" for i, n in enumerate(names)}
+
+
 def budget_figure(planners, curves, floors_curves, aucs):
-    """Reached-within-k curves per planner panel: one line per encoder (AUC in the label), the
-    planner's own baselines dashed gray."""
+    """Reached-within-k curves, one panel per planner: a line per encoder (its AUC in the label) and
+    the planner's own baselines in gray."""
     cols = max(1, len(planners))
-    fig = _figure(4.5 * cols + 2.0, 3.6)
+    colors = _encoder_colors(curves)
+    fig = _figure(4.8 * cols, 4.6)
     axes = np.atleast_1d(fig.subplots(1, cols, squeeze=False)).ravel()
     for ax, planner in zip(axes, planners, strict=True):
         for encoder, (grid, curve) in curves.get(planner, {}).items():
-            auc = aucs.get((encoder, planner))
-            ax.step(grid, 100 * curve, where="post", label=f"{planner}/{encoder} (AUC {auc:.3f})")
+            auc = aucs.get((encoder, planner), float("nan"))
+            ax.step(
+                grid, 100 * curve, where="post", color=colors[encoder], label=f"{encoder} (AUC {auc:.3f})"
+            )
         for name, (grid, curve) in floors_curves.get(planner, {}).items():
             style = BASELINE_STYLES.get(name, ("-.", ""))[0]
-            ax.step(grid, 100 * curve, where="post", color="gray", linestyle=style, label=f"{planner}/{name}")
+            ax.step(grid, 100 * curve, where="post", color="gray", linestyle=style, label=name)
         ax.set_ylim(0, 105)
         ax.set_xlabel("budget k (env steps)")
         ax.set_ylabel("reached within k, %")
         ax.set_title(f"{planner}: success vs budget", fontsize=9)
-    handles, labels = [], []
-    for ax in axes:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
-    if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+        _panel_legend(ax)
     return fig
 
 
 def distance_figure(planners, curves):
+    """Mean geodesic distance to the goal against the env step, one panel per planner."""
     cols = max(1, len(planners))
-    fig = _figure(4.5 * cols + 2.0, 3.4)
+    colors = _encoder_colors(curves)
+    fig = _figure(4.8 * cols, 4.4)
     axes = np.atleast_1d(fig.subplots(1, cols, squeeze=False)).ravel()
     for ax, planner in zip(axes, planners, strict=True):
         for name, (grid, curve) in curves.get(planner, {}).items():
-            style = BASELINE_STYLES[name][0] if name in BASELINE_STYLES else "-"
-            color = "gray" if name in BASELINE_STYLES else None
-            ax.plot(grid, curve, linestyle=style, color=color, label=f"{planner}/{name}")
+            if name in BASELINE_STYLES:
+                ax.plot(grid, curve, linestyle=BASELINE_STYLES[name][0], color="gray", label=name)
+            else:
+                ax.plot(grid, curve, color=colors[name], label=name)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("env step")
         ax.set_ylabel("mean geodesic distance to goal")
         ax.set_title(f"{planner}: distance to goal", fontsize=9)
-    handles, labels = [], []
-    for ax in axes:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
-    if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+        _panel_legend(ax)
     return fig
 
 
@@ -388,18 +397,22 @@ def _skill_plot(path: Path, encoders, diag) -> Path | None:
         )
     if not curves:
         return None
-    fig = _figure(6.5, 4.0)
+    fig = _figure(6.0, 4.6)
     ax = fig.subplots()
     for encoder, curve in curves.items():
         ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", markersize=3, label=encoder)
     if key == "skill":
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="copy-last (= 1)")
-    if all(v > 0 for c in curves.values() for v in c):
+    values = [v for c in curves.values() for v in c]
+    if min(values) > 0 and max(values) / min(values) > 20:  # log only when the range needs it
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("open-loop model steps")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{title} vs horizon (mean over seeds)", fontsize=10)
-    fig.legend(loc="outside right upper", fontsize=8)
+    ax.set_title(f"{title} (mean over seeds)", fontsize=10)
+    _panel_legend(ax)
     return _save(fig, path)
 
 
