@@ -1,26 +1,42 @@
-"""``wmlab <verb> key=value ...``: one entry point, a Hydra config per verb.
+"""``wmlab <verb> key=value ...``: one entry point; every verb is a Hydra application.
 
 Each verb has a config ``wmlab/conf/<verb>.yaml`` (config groups such as ``env=`` live beside it)
-and a function in the library that does the work; this file only maps one onto the other.
+and a function in the library that does the work; this file maps one onto the other and runs the
+verb through Hydra's own app entry (what ``@hydra.main`` runs), so everything Hydra documents works:
+``-m``/``--multirun`` sweeps (``wmlab collect -m seed=0,1``), launchers (``hydra/launcher=submitit_local``
+or ``submitit_slurm``), ``hydra.run.dir=``/``hydra.sweep.dir=``, ``--cfg job|hydra|all``, ``--info``,
+``--config-dir``/``--config-name``, shell completion and the ``.hydra/`` config snapshot.
+``wmlab <verb> --help`` prints the verb's settings with their comments.
+
 Overrides follow Hydra (and DINO-WM's names): a typo'd key or an unknown choice fails with the
-valid ones listed.
+valid ones listed, and a key added with ``+`` that no code reads is refused. Errors a user can cause
+end in one line naming the thing and the fix (exit 1; 2 for bad configuration, 130 interrupted);
+``--debug`` or ``WMLAB_DEBUG=1`` shows the full traceback.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from wmlab.config import SEARCH_PATH, ConfigError, compose, suggest_keys
+
+__all__ = ["VERBS", "compose", "main", "run", "run_hydra_app"]
 
 VERBS: dict[str, tuple[str, str]] = {}  # verb -> (config name, one-line help)
 _HANDLERS: dict[str, Callable[[DictConfig], object]] = {}
 #: verbs whose first bare argument is a path: verb -> the config key it sets
 POSITIONAL = {"report": "study_dir", "import-dino-wm": "run"}
+#: exit codes
+EXIT_USER, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def verb(name: str, config: str, help_text: str):
@@ -61,6 +77,7 @@ def _collect(cfg: DictConfig):
 
         for path in show_dataset(store.path, cfg.preview_dir, n_episodes=4, n_frames=8):
             print(f"preview: {path}")
+    return store.path
 
 
 @verb("convert", "convert", "convert a DINO-WM point_maze folder into a wmlab dataset")
@@ -71,6 +88,7 @@ def _convert(cfg: DictConfig):
     out = Path(cfg.out) if cfg.out else src.with_name(src.name + ".zarr")
     store = convert_dino_wm(src, out, env=cfg.env.name, progress=cfg.progress)
     print(f"converted {len(store)} episodes from {src} into {out}")
+    return out
 
 
 @verb("export", "export", "export a wmlab dataset in DINO-WM's point_maze folder format")
@@ -79,6 +97,7 @@ def _export(cfg: DictConfig):
 
     export_dino_wm(cfg.data, cfg.out, overwrite=cfg.overwrite)
     print(f"wrote DINO-WM folder {cfg.out}")
+    return Path(cfg.out)
 
 
 @verb("check-render", "check_render", "compare our renders of a dataset's states with its frames")
@@ -95,6 +114,7 @@ def _check_render(cfg: DictConfig):
     summary = {k: v for k, v in report.items() if k != "samples"}  # per-sample rows are in the JSON file
     print(json.dumps(summary, indent=1))
     print(f"side-by-side frames and the full report: {Path(cfg.out) / 'check_render.png'}, .json")
+    return report
 
 
 @verb("show", "show", "write a PNG grid and a GIF of a few episodes")
@@ -125,6 +145,7 @@ def _info(cfg: DictConfig):
         "metadata": getattr(dataset, "metadata", {}),
     }
     print(json.dumps(summary, indent=1, default=str))
+    return summary
 
 
 @verb("encode", "encode", "encode every frame of a dataset once into the frozen-feature cache")
@@ -139,6 +160,7 @@ def _encode(cfg: DictConfig):
     )  # fmt: skip
     info = cache.info
     print(f"{len(cache)} episodes of {info.num_tokens} x {info.dim} tokens in {cache.path}")
+    return cache.path
 
 
 @verb(
@@ -152,6 +174,7 @@ def _train_tokenizer(cfg: DictConfig):
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     out = train_tokenizer(kwargs.pop("data"), kwargs.pop("out"), **kwargs)
     print(f"tokenizer: {out} (use encoder=dino_tok encoder.weights={out})")
+    return out
 
 
 @verb("train", "train", "train the latent world model on a dataset over a frozen encoder (resumable)")
@@ -160,6 +183,7 @@ def _train(cfg: DictConfig):
 
     run_dir = train(OmegaConf.to_container(cfg, resolve=True))
     print(f"run directory: {run_dir}")
+    return run_dir
 
 
 @verb("train-decoder", "train_decoder", "train a run's optional pixel decoder on frozen tokens (own stage)")
@@ -169,6 +193,7 @@ def _train_decoder(cfg: DictConfig):
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     path = train_decoder(kwargs.pop("run_dir"), **kwargs)
     print(f"decoder: {path}")
+    return path
 
 
 @verb("import-dino-wm", "import_dino_wm", "convert a DINO-WM run (hydra.yaml + checkpoints) to a wmlab run")
@@ -177,6 +202,7 @@ def _import_dino_wm(cfg: DictConfig):
 
     out = import_dino_wm(cfg.run, cfg.out, cfg.model_epoch)
     print(f"imported {cfg.run} -> {out}")
+    return out
 
 
 @verb("plan", "plan", "plan towards goal images closed-loop (MPC) and report success with intervals")
@@ -191,11 +217,12 @@ def _plan(cfg: DictConfig):
         count = f"{s['successes']}/{summary['n_episodes']}"
         print(f"success ({key}): {s['rate']:.2f} [{lo:.2f}, {hi:.2f}] ({count})")
     print(f"mean final distance {summary['mean_final_dist']:.3f}; results in {out}")
+    return out
 
 
 @verb("worldmodels", "worldmodels", "the World Models agent: worldmodels collect|train-vae|train-rnn|...")
 def _worldmodels(cfg: DictConfig):
-    raise AssertionError("unreachable: run() hands `worldmodels <stage> ...` to wmlab.worldmodels.cli")
+    raise AssertionError("unreachable: `worldmodels <stage> ...` runs through wmlab.worldmodels.cli")
 
 
 def _study_command(verb_name: str) -> str:
@@ -208,6 +235,7 @@ def _study(cfg: DictConfig):
 
     out = run_study({**OmegaConf.to_container(cfg, resolve=True), "command": _study_command("study")})
     _print_report(out)
+    return out
 
 
 @verb("demo", "demo", "the representation study on CPU in minutes with no downloads (preset=full: GPU)")
@@ -218,14 +246,17 @@ def _demo(cfg: DictConfig):
     out = run_study({**OmegaConf.to_container(cfg, resolve=True), "command": _study_command("demo")})
     print(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min")
     _print_report(out)
+    return out
 
 
 @verb("report", "report", "rebuild a study's report (Markdown + HTML) from its results files")
 def _report(cfg: DictConfig):
     from wmlab.report.study_report import build_report
 
-    for kind, path in build_report(cfg.study_dir).items():
+    paths = build_report(cfg.study_dir)
+    for kind, path in paths.items():
         print(f"{kind}: {path}")
+    return paths
 
 
 def _print_report(study_dir) -> None:
@@ -236,113 +267,400 @@ def _print_report(study_dir) -> None:
         print(f"results in {study_dir} (this invocation ran one cell; run without cell= to merge and report)")
 
 
-def compose(verb_name: str, overrides: list[str]) -> DictConfig:
-    """The resolved config of ``verb_name`` with ``overrides`` (Hydra's compose API)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+# ------------------------------------------------------------------------------ the Hydra app
+class HydraTask:
+    """Hydra's task function for one verb (or one ``worldmodels`` stage).
 
-    config_name, _ = VERBS[verb_name]
-    with initialize_config_module(config_module="wmlab.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides)
-    OmegaConf.resolve(cfg)
-    return cfg
+    A module-level class so launchers that run jobs in other processes (submitit) can pickle it.
+    Hydra names a job after its task function's module (``hydra.job.name``, the run folder and the
+    log file); ``job_name`` gives every verb its own name. ``results`` collects the return values of
+    the jobs that ran in this process (one per job), for ``run()``.
+    """
+
+    def __init__(self, job_name: str, fn: Callable[[DictConfig], object]) -> None:
+        self.fn = fn
+        self.results: list = []
+        # Hydra reads only the last dotted part (detect_task_name); the class stays importable.
+        self.__module__ = f"wmlab.{job_name}"
+
+    def __call__(self, cfg: DictConfig):
+        check_complete(cfg)
+        OmegaConf.resolve(cfg)  # interpolation errors surface here, before any work
+        result = self.fn(cfg)
+        self.results.append(result)
+        return result
 
 
-def run(verb_name: str, *overrides: str):
-    """Python entry equal to the CLI: ``run("collect", "n_episodes=10", "img_size=64")``."""
+class _VerbHandler:
+    """A verb's handler by name (picklable: the registry is rebuilt on import in a job's process)."""
+
+    def __init__(self, verb_name: str) -> None:
+        self.verb_name = verb_name
+
+    def __call__(self, cfg: DictConfig):
+        return _HANDLERS[self.verb_name](cfg)
+
+
+def check_complete(cfg: DictConfig) -> None:
+    """Refuse a config with mandatory values (``???``) left unset, naming each one."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            "Missing mandatory value: "
+            + ", ".join(missing)
+            + " (give it on the command line as "
+            + " ".join(f"{k}=<value>" for k in missing)
+            + ")"
+        )
+
+
+def _quote(value: str) -> str:
+    """``value`` as a Hydra override value that stays one string (paths with ',', '=', spaces)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _absolute_config_path(args: list[str]) -> list[str]:
+    """``--config-path``/``-cp`` relative to the current directory, as a CLI user means it
+    (Hydra would read it relative to the Python file that declares the app)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config-path", "-cp") and i + 1 < len(args):
+            out += [arg, _abs_path(args[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config-path="):
+            arg = "--config-path=" + _abs_path(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _abs_path(path: str) -> str:
+    return path if path.startswith("pkg://") or os.path.isabs(path) else os.path.abspath(path)
+
+
+def run_hydra_app(task: HydraTask, config: str, args: Sequence[str], prog: str) -> list:
+    """Run ``task`` as a Hydra application with command line ``args`` (what ``@hydra.main`` does with
+    ``sys.argv``): run, ``-m`` multirun through the configured launcher and sweeper, ``--cfg``,
+    ``--info``, ``-sc``. Errors propagate as exceptions (``HYDRA_FULL_ERROR``) for the caller to
+    report; returns the results of the jobs that ran in this process."""
+    from hydra import version
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    from wmlab.config import VERSION_BASE, check_overrides
+
+    version.setbase(VERSION_BASE)
+    parser = get_args_parser()
+    parser.prog = prog
+    parsed = parser.parse_args(_absolute_config_path(list(args)))
+    check_overrides(parsed.config_name or config, parsed.overrides)
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; main_guarded prints one line
+    try:
+        _run_hydra(
+            args=parsed, args_parser=parser, task_function=task, config_path=SEARCH_PATH, config_name=config
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    return task.results
+
+
+def _dispatch(verb_name: str, args: list[str]):
+    """``wmlab <verb> args...`` without the error handling: returns the verb's result(s)."""
     if verb_name not in VERBS:
         close = difflib.get_close_matches(verb_name, VERBS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise SystemExit(f"wmlab: unknown verb '{verb_name}'.{hint} Verbs: {', '.join(VERBS)}")
-    if verb_name == "worldmodels":  # a verb with stages, each its own config (wmlab/worldmodels/cli.py)
-        from wmlab.worldmodels.cli import worldmodels_main
+        raise ConfigError(f"unknown verb '{verb_name}'.{hint} Verbs: {', '.join(VERBS)} (wmlab --help)")
+    if verb_name == "worldmodels":  # a verb with stages, each a Hydra app (wmlab/worldmodels/cli.py)
+        from wmlab.worldmodels.cli import worldmodels_app
 
-        if not overrides or "=" in overrides[0]:
-            raise ValueError(
-                "wmlab worldmodels needs a stage: collect|train-vae|train-rnn|train-controller|..."
-            )
-        return worldmodels_main(overrides[0], list(overrides[1:]))
-    return _HANDLERS[verb_name](compose(verb_name, list(overrides)))
+        return worldmodels_app(args)
+    config = VERBS[verb_name][0]
+    if "--version" in args:
+        print(version_line())
+        return None
+    if verb_name in POSITIONAL and args and "=" not in args[0] and not args[0].startswith("-"):
+        # `wmlab report <study_dir>`, `wmlab import-dino-wm <run>`: one bare path is the verb's main key.
+        args = [f"{POSITIONAL[verb_name]}={_quote(args[0])}", *args[1:]]
+    if "-h" in args or "--help" in args:
+        print(verb_help(f"wmlab {verb_name}", config, _overrides_only(args), VERBS[verb_name][1]))
+        return None
+    task = HydraTask(config, _VerbHandler(verb_name))
+    results = run_hydra_app(task, config, args, prog=f"wmlab {verb_name}")
+    return results
 
 
-def _suggest_keys(verb_name: str, overrides: list[str]) -> str:
-    """'Did you mean ...' for override keys that are not in the verb's config."""
+def run(verb_name: str, *args: str):
+    """Python entry equal to the CLI: ``run("collect", "n_episodes=10", "img_size=64")``.
+
+    The same Hydra app runs (``run("collect", "-m", "seed=0,1")`` sweeps); errors are raised, not
+    printed. Returns the verb's result (its output path, mostly), or the list of results of a
+    multirun's jobs that ran in this process.
+    """
+    results = _dispatch(verb_name, list(args))
+    if isinstance(results, list) and "-m" not in args and "--multirun" not in args:
+        return results[-1] if results else None
+    return results
+
+
+# ------------------------------------------------------------------------------------- help
+def version_line() -> str:
+    import hydra
+
+    from wmlab import __version__
+
+    return f"wmlab {__version__} (Hydra {hydra.__version__}, Python {sys.version.split()[0]})"
+
+
+def _overrides_only(args: Sequence[str]) -> list[str]:
+    """The key=value arguments of a command line (flags and their values left out)."""
+    flags_with_value = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                        "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}  # fmt: skip
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in flags_with_value:
+            skip = arg not in ("--info", "-i")
+            continue
+        if not arg.startswith("-") and "=" in arg:
+            out.append(arg)
+    return out
+
+
+def _config_source(relative: str) -> str | None:
+    """The text of ``wmlab/conf/<relative>.yaml`` with its comments (None when not a wmlab file)."""
+    from importlib.resources import files
+
+    path = files("wmlab.conf").joinpath(f"{relative}.yaml")
+    return path.read_text() if path.is_file() else None
+
+
+def _without_hydra_lines(source: str) -> str:
+    """A verb's YAML minus what is Hydra's business (its ``hydra:`` block, hydra_app, overrides)."""
+    out, in_hydra_block = [], False
+    for line in source.splitlines():
+        if line.startswith("hydra:"):
+            in_hydra_block = True
+            continue
+        if in_hydra_block and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        in_hydra_block = False
+        entry = line.split("#")[0].strip()
+        if entry in ("- hydra_app", "- _self_") or entry.startswith("- override hydra/"):
+            continue
+        out.append(line)
+    if "defaults:" in out:  # a defaults list left with nothing a user picks says nothing
+        i = out.index("defaults:")
+        if i + 1 >= len(out) or not out[i + 1].lstrip().startswith("- "):
+            del out[i]
+    return "\n".join(out).rstrip()
+
+
+HYDRA_FLAGS = """\
+Every verb is a Hydra application (https://hydra.cc/docs/1.3/):
+  -m, --multirun               sweep: seed=0,1,2  'seeds=[0],[1]'  (one job per combination)
+  hydra/launcher=NAME          basic (default, in this process), submitit_local, submitit_slurm
+                               (hydra.launcher.timeout_min=60 hydra.launcher.partition=... etc.)
+  hydra.run.dir=DIR            where this run's record goes (.hydra/ config snapshot + log);
+  hydra.sweep.dir=DIR          default outputs/hydra/<verb>/... (WMLAB_HYDRA_DIR moves the root)
+  --cfg job|hydra|all          print the composed config instead of running (--resolve to resolve)
+  --info [config|defaults|defaults-tree|plugins|searchpath]
+  --config-dir DIR             add a config directory (your own experiment configs)
+  --config-name NAME           use another primary config (e.g. one of yours in --config-dir)
+  --hydra-help                 Hydra's own help
+  -sc install=bash             shell completion (also zsh, fish)
+wmlab flags: --version, --debug (full tracebacks; or WMLAB_DEBUG=1)"""
+
+
+def verb_help(title: str, config: str, overrides: Sequence[str], summary: str, usage: str = "") -> str:
+    """The verb's settings as its YAML files say them, comments included, with the config-group
+    choices this command line would pick (``wmlab train encoder=dinov2_patch --help``)."""
+    from wmlab.config import _loader, compose_with_hydra
+
+    usage = usage or f"usage: {title} [key=value ...] [Hydra flags]"
+    lines = [f"{title}: {summary}", usage, ""]
+    source = _config_source(config)
+    if source is not None:
+        lines += [f"Settings (wmlab/conf/{config}.yaml; override any with key=value):", ""]
+        lines += ["  " + line if line else "" for line in _without_hydra_lines(source).splitlines()]
     try:
-        base = OmegaConf.to_container(compose(verb_name, []), resolve=False)
-    except Exception:
-        return ""
-
-    def keys(node, prefix=""):
-        for k, v in node.items():
-            yield prefix + k
-            if isinstance(v, dict):
-                yield from keys(v, prefix + k + ".")
-
-    known = list(keys(base))
-    hints = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            guess = f"; did you mean {close}?" if close else ""
-            hints.append(f"'{key}' is not a setting of '{verb_name}'{guess}")
-    return ("\n" + "\n".join(hints)) if hints else ""
-
-
-def _usage() -> str:
-    lines = ["usage: wmlab <verb> [key=value ...]   (wmlab <verb> --cfg shows the config)", "", "verbs:"]
-    lines += [f"  {name:<14} {help_text}" for name, (_, help_text) in VERBS.items()]
+        choices = OmegaConf.to_container(compose_with_hydra(config, overrides).hydra.runtime.choices)
+    except Exception as err:  # help must still show what it can (the error itself is the news)
+        choices = {}
+        lines += ["", f"(could not compose with {list(overrides)}: {str(err).splitlines()[0]})"]
+    for group, choice in sorted(choices.items()):
+        if group.startswith("hydra/") or choice is None:
+            continue
+        options = _loader().get_group_options(group)
+        key = group.rsplit("/", 1)[-1]
+        lines += ["", f"{key}={choice}   (choices: {' | '.join(options)}; its keys: {key}.<key>=<value>)"]
+        group_source = _config_source(f"{group}/{choice}")
+        if group_source is not None:
+            lines += ["  " + line if line else "" for line in group_source.rstrip().splitlines()]
+    lines += ["", HYDRA_FLAGS]
     return "\n".join(lines)
 
 
+def _usage() -> str:
+    lines = [
+        "usage: wmlab <verb> [key=value ...] [Hydra flags]",
+        "       wmlab <verb> --help     the verb's settings, with their comments",
+        "       wmlab --version",
+        "",
+        "verbs:",
+    ]
+    lines += [f"  {name:<16} {help_text}" for name, (_, help_text) in VERBS.items()]
+    lines += ["", HYDRA_FLAGS]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- shell completion
+def _top_level_completion(argv: list[str]) -> int:
+    """``wmlab -sc install=bash`` and the completion queries the installed script sends.
+
+    Hydra's script asks ``wmlab -sc query=bash`` with the whole line in ``COMP_LINE``: the verb is
+    completed here; after it, the verb's app completes its settings (the line minus the verb).
+    """
+    query = next((a for a in argv[1:] if a.startswith("query=")), None)
+    if query is None:  # install / uninstall: the script is the same for every verb
+        return main(["info", *argv])
+    words = os.environ.get("COMP_LINE", "").split()
+    line = os.environ.get("COMP_LINE", "")
+    typed_past_verb = len(words) > 2 or (len(words) == 2 and line.endswith(" "))
+    if not typed_past_verb:
+        prefix = words[1] if len(words) == 2 else ""
+        print(" ".join(v for v in VERBS if v.startswith(prefix)))
+        return 0
+    verb_name = words[1]
+    if verb_name not in VERBS:
+        return 0
+    skip = 2 if verb_name == "worldmodels" and len(words) > 2 and "=" not in words[2] else 1
+    rest = line.split(None, skip + 1)
+    os.environ["COMP_LINE"] = words[0] + " " + (rest[skip + 1] if len(rest) > skip + 1 else "")
+    return main([*words[1 : 1 + skip], *argv])
+
+
+# ------------------------------------------------------------------------------ entry point
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("WMLAB_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    verb_name, overrides = argv[0], argv[1:]
-    # `wmlab report <study_dir>`, `wmlab import-dino-wm <run>`: one bare path is the verb's main key.
-    if verb_name in POSITIONAL and overrides and "=" not in overrides[0] and not overrides[0].startswith("-"):
-        overrides = [f"{POSITIONAL[verb_name]}={overrides[0]}", *overrides[1:]]
-
-    def invoke():
-        if "--cfg" in overrides or "--help" in overrides:
-            if verb_name not in VERBS:
-                run(verb_name)  # raises the unknown-verb message
-            print(OmegaConf.to_yaml(compose(verb_name, [o for o in overrides if not o.startswith("--")])))
-            return
-        run(verb_name, *overrides)
-
-    return main_guarded(verb_name, invoke, overrides)
+    if argv[0] in ("--version", "-V"):
+        print(version_line())
+        return 0
+    if argv[0] in ("-sc", "--shell-completion"):
+        return _top_level_completion(argv)
+    if argv[0].startswith("-"):
+        print(f"wmlab: give the verb first: wmlab <verb> {' '.join(argv)} (wmlab --help)", file=sys.stderr)
+        return EXIT_CONFIG
+    verb_name, args = argv[0], argv[1:]
+    return main_guarded(verb_name, lambda: _dispatch(verb_name, args), _overrides_only(args), debug=debug)
 
 
-def main_guarded(label: str, fn, overrides: list[str] = ()) -> int:
-    """Run ``fn`` and turn the errors a user can cause into a message and an exit code."""
+def _config_message(err: BaseException, label: str, overrides: Sequence[str]) -> str:
+    """Hydra's/OmegaConf's message for a bad configuration, trimmed to what a user acts on."""
+    text = str(err)
+    if err.__cause__ is not None and str(err.__cause__) not in text:
+        text = f"{text}\n{err.__cause__}" if text else str(err.__cause__)
+    lines = [line for line in text.replace("\n\n", "\n").splitlines() if line.strip()]
+    # Hydra appends its config search path and OmegaConf its node details: a user needs neither.
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    drop = ("full_key:", "object_type=", "reference_type=", "To append to your config use")
+    lines = [line for line in lines if not line.strip().startswith(drop)]
+    message = "\n".join(lines)
+    if "Missing mandatory value" in message and "give it on the command line" not in message:
+        message += "\n(give it on the command line as key=value)"
+    if "Could not override" in message or "not in struct" in message:
+        config = VERBS[label][0] if label in VERBS else label
+        hints = suggest_keys(config, overrides)
+        message += f"\n{hints}" if hints else ""
+    return message
+
+
+_OUT_KEYS = "output (out=... / run_dir=... / study_dir=...)"
+
+
+def _os_error_message(err: OSError) -> str:
+    """Disk full, read-only, no permission, missing file: the path and what to do."""
+    path = err.filename or "the output"
+    code = err.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"disk full / over quota writing {path}: free space there or choose another {_OUT_KEYS}"
+    if code == errno.EROFS:
+        return f"read-only file system: {path}: choose a writable {_OUT_KEYS}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {path}: choose a writable {_OUT_KEYS} or fix its permissions"
+    if code == errno.ENOENT and err.filename:
+        return f"no such file or directory: {err.filename} (check the path given on the command line)"
+    if err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    return str(err)
+
+
+def _safetensors_message(err: Exception) -> str:
+    """safetensors' Rust errors carry the OS error code in their text (``Os { code: 28, ... }``)."""
+    first = (str(err).splitlines() or [""])[0]
+    for code, what in ((errno.ENOSPC, "disk full"), (errno.EROFS, "read-only file system"),
+                       (errno.EACCES, "permission denied")):  # fmt: skip
+        if f"code: {code}," in first or f"code: {code} " in first:
+            return f"{what} writing weights (safetensors: {first}): free space or choose another {_OUT_KEYS}"
+    return f"unreadable weights (safetensors: {first}): a truncated or corrupt .safetensors? re-create it"
+
+
+def main_guarded(label: str, fn, overrides: Sequence[str] = (), debug: bool = False) -> int:
+    """Run ``fn`` and turn the errors a user can cause into one message and an exit code:
+    1 user error, 2 bad configuration, 130 interrupted. ``debug`` re-raises (full traceback)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from wmlab.data.errors import DatasetError
+    from wmlab.integrity import UserError
+
+    def say(kind: str, message: str, code: int) -> int:
+        print(f"wmlab {label}: {kind}{message}", file=sys.stderr)
+        return code
 
     try:
         fn()
-    except (HydraException, OmegaConfBaseException) as err:
-        lines = str(err).replace("\n\n", "\n").splitlines()
-        # Hydra appends its config search path; a user needs the valid choices, not that.
-        if "Config search path:" in lines:
-            lines = lines[: lines.index("Config search path:")]
-        message = "\n".join(lines)
-        if "Missing mandatory value" in message:
-            message += "\n(give it on the command line as key=value)"
-        if "Could not override" in message and label in VERBS:
-            message += _suggest_keys(label, list(overrides))
-        print(f"wmlab {label}: bad configuration: {message}", file=sys.stderr)
-        return 2
-    except (DatasetError, FileNotFoundError, ValueError) as err:
-        print(f"wmlab {label}: error: {err}", file=sys.stderr)
-        return 1
+    except SystemExit as exit_:  # argparse and Hydra's --help/--hydra-help exit themselves
+        code = exit_.code
+        if isinstance(code, str):
+            return say("", code, EXIT_USER)
+        return int(code or 0)
     except KeyboardInterrupt as err:
         print(f"\nwmlab {label}: {err or 'interrupted'}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, (ConfigError, HydraException, OmegaConfBaseException)):
+            return say("bad configuration: ", _config_message(err, label, overrides), EXIT_CONFIG)
+        if isinstance(err, UserError):
+            return say("error: ", str(err), EXIT_USER)
+        if isinstance(err, OSError):
+            return say("error: ", _os_error_message(err), EXIT_USER)
+        if type(err).__name__ == "SafetensorError":
+            return say("error: ", _safetensors_message(err), EXIT_USER)
+        if type(err).__module__.startswith("yaml") and hasattr(err, "problem"):  # yaml.YAMLError
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            return say("error: ", f"invalid YAML{at}: {err.problem} (fix the file)", EXIT_USER)
+        if type(err).__name__ == "OutOfMemoryError":
+            first = (str(err).splitlines() or [""])[0]
+            hint = "lower batch_size= / chunk= or use a smaller model"
+            return say("error: ", f"out of memory ({first}): {hint}", EXIT_USER)
+        if isinstance(err, ValueError):
+            return say("error: ", str(err), EXIT_USER)
+        raise
     return 0
 
 

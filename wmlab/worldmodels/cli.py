@@ -16,6 +16,7 @@ import json
 from omegaconf import OmegaConf
 
 GROUPS = {"wm_env": "worldmodels/wm_env", "preset": "worldmodels/preset"}
+CONFIG = "worldmodels"  # wmlab/conf/worldmodels.yaml
 
 
 def _stage_collect(cfg: dict) -> None:
@@ -84,6 +85,8 @@ STAGES = {
     "evaluate": _stage_evaluate,
     "iterate": _stage_iterate,
     "report": _stage_report,
+    "run": lambda cfg: __import__("wmlab.worldmodels.experiments", fromlist=["_"]).stage_run(cfg),
+    "tau-sweep": lambda cfg: __import__("wmlab.worldmodels.experiments", fromlist=["_"]).stage_tau_sweep(cfg),
 }
 
 
@@ -98,23 +101,68 @@ def translate(overrides: list[str]) -> list[str]:
 
 def compose(overrides: list[str]) -> dict:
     """The resolved ``worldmodels`` config with ``overrides`` as a plain dict."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from wmlab.config import compose as compose_config
 
-    with initialize_config_module(config_module="wmlab.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name="worldmodels", overrides=translate(list(overrides)))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(compose_config(CONFIG, translate(list(overrides))), resolve=True)
 
 
-def worldmodels_main(stage: str, overrides: list[str]) -> None:
-    """Compose the config and run ``stage``. Unknown stages fail with the list of valid ones."""
+class _StageHandler:
+    """One stage as a Hydra task body (picklable by name, for launchers that run jobs elsewhere)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def __call__(self, cfg) -> object:
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.get("torch_threads"):
+            import torch
+
+            torch.set_num_threads(int(cfg["torch_threads"]))
+        return STAGES[self.stage](cfg)
+
+
+def check_stage(stage: str) -> None:
+    """Unknown stages fail with the list of valid ones."""
     if stage not in STAGES:
         close = difflib.get_close_matches(stage, STAGES, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown worldmodels stage {stage!r}.{hint} Stages: {', '.join(STAGES)}")
-    cfg = compose(overrides)
-    if cfg.get("torch_threads"):
-        import torch
 
-        torch.set_num_threads(int(cfg["torch_threads"]))
-    STAGES[stage](cfg)
+
+def stage_app(stage: str, args: list[str]) -> list:
+    """``wmlab worldmodels <stage> args...`` as a Hydra app (``-m`` sweeps, launchers, ``--cfg``, ...);
+    returns the results of the jobs that ran in this process."""
+    from wmlab.cli import HydraTask, run_hydra_app
+
+    check_stage(stage)
+    task = HydraTask(f"worldmodels_{stage.replace('-', '_')}", _StageHandler(stage))
+    return run_hydra_app(task, CONFIG, translate(list(args)), prog=f"wmlab worldmodels {stage}")
+
+
+def worldmodels_app(args: list[str]):
+    """The ``wmlab worldmodels`` verb: ``<stage> [key=value ...]``, or ``--help``."""
+    from wmlab.cli import _overrides_only, verb_help
+
+    stage = args[0] if args and not args[0].startswith("-") and "=" not in args[0] else None
+    rest = args[1:] if stage else args
+    if stage is None and not ({"-h", "--help"} & set(args)):
+        raise ValueError(f"wmlab worldmodels needs a stage: {'|'.join(STAGES)} (wmlab worldmodels --help)")
+    if stage is not None:
+        check_stage(stage)
+    if {"-h", "--help"} & set(rest):
+        title = f"wmlab worldmodels {stage}" if stage else "wmlab worldmodels"
+        usage = f"usage: wmlab worldmodels {stage or '<stage>'} [key=value ...] [Hydra flags]\n"
+        usage += f"stages: {', '.join(STAGES)}"
+        summary = "the World Models agent (V: conv VAE, M: MDN-RNN, C: linear by CMA-ES)"
+        print(verb_help(title, CONFIG, translate(_overrides_only(rest)), summary, usage=usage))
+        return None
+    return stage_app(stage, rest)
+
+
+def worldmodels_main(stage: str, overrides: list[str]):
+    """Python entry equal to ``wmlab worldmodels <stage> overrides...`` (the same Hydra app); errors
+    are raised. Returns the stage's result (a list for a ``-m`` multirun)."""
+    results = stage_app(stage, list(overrides))
+    if "-m" in overrides or "--multirun" in overrides:
+        return results
+    return results[-1] if results else None
