@@ -112,8 +112,9 @@ def rollout_cost_fn(
 
     Returns cost_fn(actions (B, S, T, A)) -> (B, S): the rollout runs actions[:, :, 0] from the last
     observed frame and T model steps; the T predicted frames are scored. Differentiable in the actions
-    (for GD) unless called under torch.no_grad(). ``cost_fn.last_chunk`` is the rows per call of the
-    latest call (for metadata). Chunked costs equal unchunked ones to fp rounding (rows are independent).
+    (for GD) unless called under torch.no_grad(). ``cost_fn.last_chunk`` / ``max_chunk`` are the rows per
+    rollout call of the latest call / the largest so far (for metadata). Chunked costs equal unchunked
+    ones to fp rounding (rows are independent).
     """
     from wmlab.planning.memory import auto_chunk, default_budget
     from wmlab.precision import precision_context
@@ -175,7 +176,7 @@ def rollout_cost_fn(
             past = past_actions[:, None].expand(B, S, n - 1, A).to(actions.dtype)
             actions = torch.cat([past, actions], dim=2)  # (B, S, n-1+T, A)
         rows = rows_per_call(S, T, torch.is_grad_enabled() and actions.requires_grad)
-        cost_fn.last_chunk = rows
+        cost_fn.last_chunk, cost_fn.max_chunk = rows, max(rows, cost_fn.max_chunk)
         with precision_context(precision, device):
             if rows >= B * S:  # everything in one call
                 return score(obs_visual, obs_proprio, goal_visual, goal_proprio_emb, actions)
@@ -190,5 +191,5 @@ def rollout_cost_fn(
                 )  # (r,)
             return torch.cat(costs).reshape(B, S)  # (B, S)
 
-    cost_fn.last_chunk = None
+    cost_fn.last_chunk, cost_fn.max_chunk = None, 0
     return cost_fn
