@@ -264,15 +264,19 @@ def commit_checkpoint(
     return tag
 
 
+def _export_path(ckpt_path: Path, relative: str) -> Path:
+    return Path(os.path.normpath(Path(ckpt_path).parent / relative))  # "<run>/checkpoint/../x" -> "<run>/x"
+
+
 def write_exports(path: Path, weights: dict, record: dict, exports: dict, tag: dict) -> None:
     """Write a committed checkpoint's exports (tagged weights, then JSON); disk errors -> one line."""
     try:
         if exports.get("weights"):
             meta = {**exports.get("weights_metadata", {}), **tag}
-            atomic_save_tensors(weights, path.parent / exports["weights"], meta)
+            atomic_save_tensors(weights, _export_path(path, exports["weights"]), meta)
             fault_point("export_weights_written")
         if exports.get("json"):
-            write_json(path.parent / exports["json"], {**record, "checkpoint": tag})
+            write_json(_export_path(path, exports["json"]), {**record, "checkpoint": tag})
     except OSError as err:
         if err.errno in DISK_ERRNOS:
             raise _disk_error(
@@ -331,10 +335,10 @@ def export_state(ckpt_path: Path) -> str:
         return "none"
     tags = []  # (export path, its tag or None)
     if header["exports"].get("weights"):
-        export = ckpt_path.parent / header["exports"]["weights"]
+        export = _export_path(ckpt_path, header["exports"]["weights"])
         tags.append((export, _safetensors_metadata(export) if export.is_file() else None))
     if header["exports"].get("json"):
-        export = ckpt_path.parent / header["exports"]["json"]
+        export = _export_path(ckpt_path, header["exports"]["json"])
         try:
             tags.append((export, read_json(export).get("checkpoint")))
         except (FileNotFoundError, ValueError):
@@ -427,6 +431,7 @@ def resumable_run(meta_path: Path, ckpt_path: Path, config: dict, what: str) -> 
     is only read for an older-layout checkpoint, whose JSON held the state). A run of another
     ``config`` is refused with what differs: resuming it would silently mix two models.
     """
+    integrity.clean_partials(ckpt_path.parent)  # temp files of writers killed mid-write
     header = read_checkpoint(ckpt_path) if ckpt_path.is_file() else None
     if header is not None and header["state"]:
         sync_exports(ckpt_path)
@@ -481,7 +486,7 @@ VOLATILE_CONFIG_KEYS = ("run_dir", "ckpt_base_path", "model_name", "data_root", 
 def run_identity(run_dir: str | Path) -> dict:
     """What a run *is*, for keying caches built from it (plan cells, study cells).
 
-    Returns ``{"config_fingerprint": fingerprint(config.yaml without VOLATILE_CONFIG_KEYS),
+    Returns ``{"config_fingerprint": fingerprint(config.yaml without VOLATILE_CONFIG_KEYS, training),
     "weights_sha256": sha256 of model.safetensors, "normalization_sha256": ... or None,
     "dataset_fingerprint": ... or None}``. Two runs with equal
     identities plan identically; retraining, resuming for more epochs or moving the run to another
@@ -492,8 +497,10 @@ def run_identity(run_dir: str | Path) -> dict:
     ckpt = run_dir / RUN_CHECKPOINT
     if ckpt.is_file():
         ensure_exports(ckpt, run_dir, "training run")
+    # training.* only shapes the weights, which are hashed themselves: a resumed or re-run run with
+    # other epochs or lr but the same weights is the same model.
     config = {k: v for k, v in (read_config(run_dir / "config.yaml") or {}).items()
-              if k not in VOLATILE_CONFIG_KEYS}  # fmt: skip
+              if k not in (*VOLATILE_CONFIG_KEYS, "training")}  # fmt: skip
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: is {run_dir} a trained wmlab run?")

@@ -24,7 +24,7 @@ from wmlab.data.normalization import NormalizationStats
 from wmlab.data.store import TrajectoryStore, jsonable
 from wmlab.data.windows import WindowDataset, WindowSpec, make_datasets
 from wmlab.encoders import make_encoder
-from wmlab.integrity import UserError, WriterLock, key_differences
+from wmlab.integrity import UserError, WriterLock, clean_partials, key_differences
 from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
 from wmlab.runs import (
     DISK_ERRNOS,
@@ -360,6 +360,8 @@ def _train(cfg: dict, rank: int, world: int) -> Path:
     cache = find_feature_cache(store, encoder)
     ckpt_path = run_dir / RUN_CHECKPOINT
     legacy_state = run_dir / "checkpoint" / "state.json"
+    if rank == 0:  # temp files of writers killed mid-write (their pid is dead; we hold the lock)
+        clean_partials(run_dir, recursive=True)
     has_checkpoint = ckpt_path.is_file() or legacy_state.is_file()
     resuming = has_checkpoint and cfg.get("resume", True)
     if has_checkpoint and not resuming and rank == 0:
