@@ -131,9 +131,11 @@ def train_throughput(args, device: torch.device, work: Path, peak: dict) -> dict
         torch.manual_seed(0)
         model = LatentWorldModel(cfg).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
-        order = np.random.default_rng(1).permutation(len(dataset))
-        n_batches = len(order) // args.batch
-        batches = [order[i * args.batch : (i + 1) * args.batch] for i in range(n_batches)]
+        rng = np.random.default_rng(1)
+        batches = []  # epochs of shuffled windows, more than --train-seconds can use
+        while len(batches) < 20_000:
+            order = rng.permutation(len(dataset))
+            batches += [order[i : i + args.batch] for i in range(0, len(order) - args.batch + 1, args.batch)]
         loader = window_loader(dataset, batches, workers=args.workers)
         watch = FiniteWatch(every=50)
         steps, started = 0, None

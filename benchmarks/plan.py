@@ -20,7 +20,8 @@ machine is noisy: compare the ratios):
   frame only. Same costs and same plan (checked: max |cost difference| and whether the plans agree);
 - ``fast_batched``: ``episodes`` start states planned together (B = episodes in every cost_fn call);
 - bf16: autocast bf16 vs fp32 on a small rollout (``--bf16-check-samples``), the full plan in bf16
-  only with ``--dtype bf16`` (this CPU has no native bf16 matmul; it is far slower, see matmul_peak).
+  only with ``--dtype bf16`` (this CPU has no native bf16 matmul; it is far slower, see matmul_peak);
+- ``precision_auto``: what ``precision=auto`` (``wmlab.precision``) picks here, with its evidence.
 
 FLOPs are counted analytically from the model sizes: every matmul is 2 * rows * in * out (qkv,
 attention projection, fc1, fc2 per block; the ViT's patch projection too) and attention is
@@ -184,6 +185,32 @@ def bf16_check(model, args) -> dict:
     return out
 
 
+def precision_auto(model, args) -> dict:
+    """What ``precision=auto`` (``wmlab.precision``) picks here for this model, with its evidence: the
+    micro-benchmark of the model's shapes, then (only if bf16 is faster) agreement on 8 candidates."""
+    from wmlab.precision import block_shapes, resolve_precision
+
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(3)
+    visual = torch.randn(1, 1, cfg.num_visual_tokens, cfg.visual_dim, generator=g)
+    proprio, goal_p = (
+        torch.randn(1, 1, cfg.proprio_dim, generator=g),
+        torch.randn(1, cfg.proprio_dim, generator=g),
+    )
+    goal = torch.randn(1, cfg.num_visual_tokens, cfg.visual_dim, generator=g)
+    candidates = torch.randn(1, 8, args.horizon, cfg.action_dim, generator=g)
+
+    def probe(precision: str) -> torch.Tensor:
+        with torch.inference_mode():
+            fn = rollout_cost_fn(model, visual, proprio, goal, goal_p, Objective(), precision=precision)
+            return fn(candidates)  # (1, 8)
+
+    started = time.perf_counter()
+    info = resolve_precision("auto", "cpu", shapes=block_shapes(cfg), probe=probe)
+    info["seconds"] = round(time.perf_counter() - started, 2)
+    return info
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--image-size", type=int, default=98, help="frame size (98 -> 49 patches of 14)")
@@ -263,6 +290,7 @@ def main() -> None:
     result["ratios"] = ratios
     if args.bf16_check_samples:
         result["bf16_check"] = bf16_check(model, args)
+    result["precision_auto"] = precision_auto(model, args)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=1))
