@@ -262,10 +262,10 @@ def test_an_invalid_run_config_is_named_when_planning(tmp_path):
 
 
 # ------------------------------------------------------------------ item 7: study.json updates
-def _bump_stage(study_dir: str, stage: str, times: int) -> None:
+def _bump_stage(cfg: dict, stage: str, times: int) -> None:
     from wmlab.study import Study
 
-    study = Study({"study_dir": study_dir})
+    study = Study(cfg)
     for _ in range(times):
         study.timed(stage, lambda: None)
 
@@ -273,14 +273,15 @@ def _bump_stage(study_dir: str, stage: str, times: int) -> None:
 def test_concurrent_cell_jobs_never_lose_a_study_json_update(tmp_path):
     """Regression: each cell job kept study.json in memory and wrote it whole, so concurrent jobs lost
     each other's stage times. Now each update is a locked read-modify-write."""
+    cfg = OmegaConf.to_container(compose("study", [f"study_dir={tmp_path}", "device=cpu"]), resolve=True)
     ctx = multiprocessing.get_context("fork")
-    jobs = [ctx.Process(target=_bump_stage, args=(str(tmp_path), f"plan:{e}", 15)) for e in ("a", "b", "c")]
+    jobs = [ctx.Process(target=_bump_stage, args=(cfg, f"plan:{e}", 15)) for e in ("a", "b", "c")]
     for job in jobs:
         job.start()
     for job in jobs:
         job.join(60)
         assert job.exitcode == 0
     info = json.loads((tmp_path / "study.json").read_text())
-    assert info["stage_runs"] == {"plan:a": 15, "plan:b": 15, "plan:c": 15}
     assert set(info["stage_seconds"]) == {"plan:a", "plan:b", "plan:c"}
+    assert info["stage_runs"] == {"plan:a": 15, "plan:b": 15, "plan:c": 15}
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*.lock"))
