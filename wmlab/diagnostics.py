@@ -52,6 +52,8 @@ RIDGE_GRID = tuple(float(a) for a in np.logspace(-6, 3, 10))
 #: Goal frames the latent-distance pairs are measured against (pairs share them, as a planner
 #: compares many candidate states against one goal).
 N_GOALS = 16
+#: Fewest (frame, goal) pairs per goal: fewer goals are drawn when n_pairs is small.
+MIN_PAIRS_PER_GOAL = 8
 #: The probe's feature budget: every encoder's features are reduced to this many principal components
 #: (fitted on the probe's training frames) so a bigger latent does not buy a better probe.
 PROBE_DIMS = 64
@@ -646,7 +648,9 @@ def diagnose_run(
     maze = maze_of(cfg, store)
 
     # 1 + 2: one pass over a frame sample (streamed: a sample of large latents does not fit in memory).
-    goal_ep, goal_t = _sample_frames(lengths, committed, min(N_GOALS, n_pairs), rng)
+    # At least MIN_PAIRS_PER_GOAL pairs per goal, so every goal has a rank correlation of its own.
+    goal_count = max(1, min(N_GOALS, n_pairs // MIN_PAIRS_PER_GOAL))
+    goal_ep, goal_t = _sample_frames(lengths, committed, goal_count, rng)
     goal_tokens = torch.cat(
         [read(int(e), [int(t)]) for e, t in zip(goal_ep, goal_t, strict=True)]
     )  # (G, N, D)
