@@ -510,3 +510,26 @@ def test_cmaes_gives_each_candidate_its_own_rollout_seeds_unless_common(
         else:
             assert seeds.shape == (6, 3) and len(np.unique(seeds)) == 18
     assert not np.array_equal(train[0], train[1])  # new seeds every generation
+
+
+def test_two_sample_tests_match_scipy_and_baselines_are_labelled():
+    from wmlab.worldmodels import stats
+    from wmlab.worldmodels.collect import BASELINES, baseline_policy
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 50, 40).astype(float), rng.integers(5, 60, 35).astype(float)
+    u, p = stats.mann_whitney(a, b)
+    t, pt = stats.welch(a, b)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    ref_u = scipy_stats.mannwhitneyu(a, b, alternative="two-sided")
+    assert u == ref_u.statistic and p == pytest.approx(ref_u.pvalue, rel=1e-9)  # same asymptotic method
+    ref_t = scipy_stats.ttest_ind(a, b, equal_var=False)
+    assert t == pytest.approx(ref_t.statistic) and pt == pytest.approx(ref_t.pvalue, abs=0.002)
+    result = stats.compare(a, b)
+    assert result["implementation"] == "scipy" and result["difference"] == pytest.approx(a.mean() - b.mean())
+    uniform = baseline_policy("random_uniform", 1, 0)
+    actions = np.stack([uniform.act(None) for _ in range(200)])
+    assert len(np.unique(actions)) == 200  # a fresh action every frame
+    hold = baseline_policy("random_hold", 1, 0)
+    assert len(np.unique(np.stack([hold.act(None) for _ in range(200)]))) < 60  # held 1-10 frames
+    assert all(label for _, label in BASELINES.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from wmlab.worldmodels.cli import compose, worldmodels_main
@@ -73,6 +74,29 @@ def test_dodge_pipeline_end_to_end(dodge_root):
     before = (dodge_root / "controller_dream_t1.15" / "cmaes.safetensors").read_bytes()
     worldmodels_main("train-controller", ["wm_env=dodge", f"root={dodge_root}", *SMOKE])
     assert (dodge_root / "controller_dream_t1.15" / "cmaes.safetensors").read_bytes() == before
+
+
+def test_run_compares_with_baselines_and_tau_sweep_writes_table_2(dodge_root, capsys):
+    """``run`` resumes every stage, scores C against the labelled random baselines on the same seeds with
+    tests; ``tau-sweep`` trains one C per temperature; the HTML report is one self-contained file."""
+    overrides = ["wm_env=dodge", f"root={dodge_root}", *SMOKE, "evaluate.n_trials=4"]
+    worldmodels_main("run", overrides)
+    printed = capsys.readouterr().out
+    assert "random_uniform" in printed and "Mann-Whitney U p=" in printed
+    record = [json.loads(line) for line in (dodge_root / "eval.jsonl").read_text().splitlines()][-1]
+    assert set(record["baselines"]) == {"random_uniform", "random_hold", "still"}
+    for name, b in record["baselines"].items():
+        assert b["n"] == 4 and len(b["returns"]) == 4 and b["label"]
+        assert b["std"] == pytest.approx(float(np.std(b["returns"])))  # over episodes
+        assert 0 <= record["tests"][name]["mann_whitney_p"] <= 1
+    worldmodels_main("tau-sweep", [*overrides, "sweep.temperatures=[0.5,1.3]"])
+    rows = [json.loads(line) for line in (dodge_root / "tau_sweep.jsonl").read_text().splitlines()]
+    assert [r["temperature"] for r in rows] == [0.5, 1.3]
+    assert (dodge_root / "controller_dream_t0.5" / "controller.safetensors").is_file()
+    worldmodels_main("report", overrides)
+    page = (dodge_root / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "data:image/gif;base64," in page
+    assert "virtual score (dream)" in page and "Mann-Whitney" in page and "random_hold" in page
 
 
 def test_real_env_cmaes_with_spawn_workers(dodge_root, tmp_path):

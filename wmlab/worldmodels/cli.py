@@ -15,6 +15,8 @@ import json
 
 from omegaconf import OmegaConf
 
+from wmlab.config import ConfigError
+
 GROUPS = {"wm_env": "worldmodels/wm_env", "preset": "worldmodels/preset"}
 CONFIG = "worldmodels"  # wmlab/conf/worldmodels.yaml
 
@@ -126,7 +128,7 @@ def check_stage(stage: str) -> None:
     if stage not in STAGES:
         close = difflib.get_close_matches(stage, STAGES, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown worldmodels stage {stage!r}.{hint} Stages: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown worldmodels stage {stage!r}.{hint} Stages: {', '.join(STAGES)}")
 
 
 def stage_app(stage: str, args: list[str]) -> list:
@@ -146,7 +148,7 @@ def worldmodels_app(args: list[str]):
     stage = args[0] if args and not args[0].startswith("-") and "=" not in args[0] else None
     rest = args[1:] if stage else args
     if stage is None and not ({"-h", "--help"} & set(args)):
-        raise ValueError(f"wmlab worldmodels needs a stage: {'|'.join(STAGES)} (wmlab worldmodels --help)")
+        raise ConfigError(f"wmlab worldmodels needs a stage: {'|'.join(STAGES)} (wmlab worldmodels --help)")
     if stage is not None:
         check_stage(stage)
     if {"-h", "--help"} & set(rest):

@@ -6,6 +6,7 @@ termination flag that followed a_t (metadata ``state_keys = ["reward", "done"]``
 
 Policies (the reference's data):
 - ``random_hold``: a uniform action in [-1, 1]^A held for 1-10 frames (Doom).
+- ``random_uniform``: a fresh uniform action every frame.
 - ``random_agent``: a randomly initialised V + M + C agent (Cauchy controller weights with scale rand * 0.01;
   V and M random too), as the reference's CarRacing "random policy".
 - ``controller``: a trained agent (``vae``, ``rnn``, ``controller`` paths) plus Gaussian exploration ``noise``
@@ -28,7 +29,7 @@ from wmlab.data.store import StoreSpec, TrajectoryStore, clean_dead_partials, js
 from wmlab.integrity import WriterLock
 from wmlab.worldmodels.envs import FRAME, env_class, make_wm_env
 
-POLICIES = ("random_hold", "random_agent", "controller")
+POLICIES = ("random_hold", "random_uniform", "random_agent", "controller")
 RESUME_KEYS = ("wm_env", "env_kwargs", "max_steps", "policy", "policy_kwargs", "seed", "min_len")
 MAX_ATTEMPTS = 20
 
@@ -50,6 +51,48 @@ class HoldRandom:
             self.left = int(self.rng.integers(self.hold[0], self.hold[1] + 1))
         self.left -= 1
         return self.action
+
+
+class UniformRandom:
+    """A fresh uniform action in [-1, 1]^A every frame (the paper's TakeCover "random policy" baseline)."""
+
+    def __init__(self, action_dim: int, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.action_dim = action_dim
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, frame) -> np.ndarray:
+        return self.rng.uniform(-1, 1, self.action_dim).astype(np.float32)
+
+
+class Still:
+    """Always the zero action (TakeCover/dodge: never move)."""
+
+    def __init__(self, action_dim: int, seed: int = 0) -> None:
+        self.action_dim = action_dim
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, frame) -> np.ndarray:
+        return np.zeros(self.action_dim, np.float32)
+
+
+# baselines for real-env comparisons: name -> (class, label)
+BASELINES = {
+    "random_uniform": (UniformRandom, "random: uniform action every frame (the paper's random policy)"),
+    "random_hold": (HoldRandom, "random: uniform action held 1-10 frames (the data-collection policy)"),
+    "still": (Still, "never moves (zero action)"),
+}
+
+
+def baseline_policy(name: str, action_dim: int, seed: int):
+    """A baseline agent (``reset()``, ``act(frame)``) by name: random_uniform, random_hold or still."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline policy {name!r}; known: {', '.join(BASELINES)}")
+    return BASELINES[name][0](action_dim, seed)
 
 
 def random_agent(env_cls, seed: int, vae_kwargs: dict, rnn_hidden: int, inputs: str, bias: bool):
@@ -111,6 +154,8 @@ def _make_agent(seed: int):
     env, kind, kw = _WORKER["env"], _WORKER["policy"], _WORKER["policy_kwargs"]
     if kind == "random_hold":
         return HoldRandom(env.action_dim, seed)
+    if kind == "random_uniform":
+        return UniformRandom(env.action_dim, seed)
     if kind == "random_agent":
         return random_agent(
             type(env),

@@ -47,6 +47,34 @@ def summary(returns) -> dict:
     return {"mean": float(returns.mean()), "std": float(returns.std()), "n": int(returns.size)}
 
 
+def evaluate_baselines(
+    names, *, wm_env: str, env_kwargs: dict | None = None, n_trials: int = 100, seed: int = 0, max_steps=None
+) -> dict:
+    """Real-env returns of baseline policies (``collect.BASELINES``) on the controller's evaluation seeds.
+
+    Returns {name: {"label", "mean", "std" (over the episodes), "n", "returns"}}.
+    """
+    from wmlab.worldmodels.collect import BASELINES, baseline_policy
+    from wmlab.worldmodels.controller import run_real_episode
+    from wmlab.worldmodels.envs import make_wm_env
+
+    env_kwargs = dict(env_kwargs or {})
+    if max_steps:
+        env_kwargs["max_steps"] = int(max_steps)
+    env = make_wm_env(wm_env, **env_kwargs)
+    out = {}
+    try:
+        for name in names:
+            returns = []
+            for s in eval_seeds(seed, n_trials):
+                agent = baseline_policy(name, env.action_dim, int(s) + 1)
+                returns.append(run_real_episode(env, agent, int(s), max_steps)["return"])
+            out[name] = {"label": BASELINES[name][1], **summary(returns), "returns": returns}
+    finally:
+        env.close()
+    return out
+
+
 def evaluate_controller(
     controller,
     *,
@@ -64,10 +92,13 @@ def evaluate_controller(
     seed: int = 0,
     results=None,
     extra: dict | None = None,
+    baselines=(),
 ) -> dict:
     """Score ``controller`` (file or directory) in the real env (``n_trials`` > 0) and in dreams at each of
-    ``temperatures`` (needs ``latents`` and an M with a done head). Returns the record appended
-    to ``results``.
+    ``temperatures`` (needs ``latents`` and an M with a done head). ``baselines`` (names from
+    ``collect.BASELINES``) run on the same seeds, and each is compared with the controller by Welch's t and
+    Mann-Whitney U (``record["tests"][name]``). Every std is over evaluation episodes. Returns the record
+    appended to ``results``.
     """
     from safetensors import safe_open
 
@@ -106,6 +137,15 @@ def evaluate_controller(
             **summary(returns),
             "returns": returns.tolist(),
             "seconds": round(time.perf_counter() - started, 3),
+        }
+    if len(baselines) and n_trials > 0:
+        from wmlab.worldmodels.stats import compare
+
+        record["baselines"] = evaluate_baselines(
+            baselines, wm_env=wm_env, env_kwargs=env_kwargs, n_trials=n_trials, seed=seed, max_steps=max_steps
+        )
+        record["tests"] = {
+            name: compare(record["real"]["returns"], b["returns"]) for name, b in record["baselines"].items()
         }
     if len(temperatures):
         record["dream"] = {}

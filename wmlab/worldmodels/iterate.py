@@ -46,6 +46,7 @@ def iterate(cfg: dict) -> Path:
             latents=latents,
             results=layout.iterate / "eval.jsonl",
             extra={"iteration": k},
+            baselines=None if k == 0 else [],  # baselines do not change between iterations
         )
         dreamed = (record.get("dream") or {}).get(str(float(cfg["temperature"])), {})
         append_jsonl(

@@ -215,7 +215,9 @@ def train_controller(cfg: dict, rnn=None, latents=None, out=None, x0=None, gener
     )
 
 
-def evaluate(cfg: dict, controller=None, rnn=None, latents=None, results=None, extra=None) -> dict:
+def evaluate(
+    cfg: dict, controller=None, rnn=None, latents=None, results=None, extra=None, baselines=None
+) -> dict:
     """Real-env trials (mean +- std) and dream scores by temperature; appends to ``<root>/eval.jsonl``."""
     from wmlab.worldmodels.envs import env_class
     from wmlab.worldmodels.evaluate import evaluate_controller
@@ -247,4 +249,5 @@ def evaluate(cfg: dict, controller=None, rnn=None, latents=None, results=None, e
         seed=cfg["seed"],
         results=results or layout.eval_results,
         extra=extra,
+        baselines=list(e.get("baselines") or []) if baselines is None else baselines,
     )
