@@ -212,12 +212,3 @@ class EpisodeShards:
         finally:
             os.close(fd)
         return out
-
-    def digest(self, episode: int) -> int:
-        """CRC32C of episode ``episode``'s whole shard file (its content checksum), or -1 if absent."""
-        from wmlab.integrity import crc32c
-
-        try:
-            return crc32c(Path(self.shard_path(episode)).read_bytes())
-        except FileNotFoundError:
-            return -1

@@ -9,7 +9,7 @@ Layout (``E`` episode slots, ``T`` = max episode length, frames ``H x W x 3``)::
       states     float32 (E, T, S)        one chunk per episode; state = proprio for PointMaze
       seeds      int64  (E,)              the seed each episode was generated from
       lengths    int64  (E,)              0 = not committed; else the valid length
-      digests    int64  (E,)              CRC32C of each committed episode's files (format 2)
+      digests    int64  (E,)              content checksum of each committed episode's files (format 2)
 
 Why this shape. It is DINO-WM's padded (N, T_max, ...) layout, so conversion is a copy. Episode
 slots are fixed, so parallel workers write their own episode's files directly (distinct files), and
@@ -478,20 +478,21 @@ class TrajectoryStore:
 
     # ------------------------------------------------------------------ content identity
     def compute_digest(self, index: int) -> int:
-        """CRC32C of episode ``index``'s files as stored: frame shard, then actions and states chunks."""
-        import google_crc32c
-
-        crc = 0
+        """Content checksum of episode ``index``'s files as stored (frame shard, actions and states
+        chunks): sha256, first 63 bits. Not CRC32C: each file ends with its own CRC, and a CRC over
+        data followed by its CRC is a constant, so CRCs of these files would not tell episodes apart.
+        """
+        h = hashlib.sha256()
         for file in (
             Path(self._frame_files.shard_path(index)),
             self._chunk_file("actions", (index, 0, 0)),
             self._chunk_file("states", (index, 0, 0)),
         ):
             try:
-                crc = google_crc32c.extend(crc, file.read_bytes())
+                h.update(file.read_bytes())
             except FileNotFoundError:
                 raise self._missing_chunk(file.parent.name, index, file) from None
-        return int(crc)
+        return int.from_bytes(h.digest()[:8], "little") >> 1
 
     @property
     def digests(self) -> np.ndarray:
