@@ -517,7 +517,7 @@ def _read_distances(results: Path, encoders) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------- sections
-def _results_section(planners, encoders, summaries, floors, floor_notes, ms, budget) -> list[tuple]:
+def _results_section(planners, encoders, summaries, floors, floor_notes, ms) -> list[tuple]:
     keys = [m.key for m in ms]
     header = ["Encoder", "Episodes (seeds)"]
     header += ["Success AUC [95% CI]"] if "auc" in keys else []
@@ -536,7 +536,7 @@ def _results_section(planners, encoders, summaries, floors, floor_notes, ms, bud
             row += [
                 _rate_cell(s, "reached"),
                 _rate_cell(s, "final"),
-                _mean_cell(s, "dist"),
+                _mean_cell(s, "dist") + s.get("dist_note", ""),
                 _fmt(s["plan_time_s"]),
             ]
             rows.append(row)
@@ -857,6 +857,8 @@ def build_report(study_dir: str | Path, *, n_boot: int = stats.N_BOOT) -> dict[s
         floors[planner] = {
             name: analysis.cell_summary(rows, b_keys, **kw)
             | ({} if "auc" in b_keys else {"auc": _nan_entry()})
+            # Without dist_trace a baseline's distance is the xy one: say so beside the geodesic ones.
+            | ({"dist_note": " (xy)"} if budget and not analysis.has_budget_fields(rows) else {})
             for name, rows in mine.items()
         }
     diag = _diagnostic_means(diag_rows)
@@ -975,7 +977,7 @@ def build_report(study_dir: str | Path, *, n_boot: int = stats.N_BOOT) -> dict[s
             "final xy distance (final_dist), not the geodesic one."
         )
     blocks: list[tuple] = [("p", intro), ("note", stats_note), ("note", budget_note), ("h2", "Results")]
-    blocks += _results_section(planners, encoders, summaries, floors, floor_notes, ms, budget) or [
+    blocks += _results_section(planners, encoders, summaries, floors, floor_notes, ms) or [
         ("p", "No episode results.")
     ]
     blocks.append(("img", written["success_plot"], "success rates"))
