@@ -261,6 +261,23 @@ def test_an_invalid_run_config_is_named_when_planning(tmp_path):
     assert "<unicode string>" not in str(err.value)
 
 
+@needs_dino_wm
+def test_a_plan_whose_model_cannot_load_leaves_no_cell_behind(tmp_path):
+    """A settings mistake found while loading the model (here: an imported DINO-WM run without data=
+    for its normalisation) writes no key.json, so the corrected command is not refused as "another key"."""
+    from wmlab.evaluate import plan as plan_verb
+    from wmlab.models.dino_wm_checkpoint import import_dino_wm
+
+    run_dir = import_dino_wm(DINO_WM_RUN, tmp_path / "imported")
+    out = tmp_path / "plan"
+    cfg = OmegaConf.to_container(
+        compose("plan", [*TINY_PLAN, f"run_dir={run_dir}", f"out={out}"]), resolve=True
+    )
+    with pytest.raises(ValueError, match="normalisation"):
+        plan_verb(cfg)
+    assert not (out / "key.json").exists() and not (out / "summary.json").exists()
+
+
 # ------------------------------------------------------------------ item 7: study.json updates
 def _bump_stage(cfg: dict, stage: str, times: int) -> None:
     from wmlab.study import Study

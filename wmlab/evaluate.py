@@ -27,6 +27,7 @@ the same cell is refused with who holds it) and a half-finished cell is recomput
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -521,22 +522,27 @@ def plan(cfg: dict) -> Path:
     setup = prepare_plan(cfg)
     out_dir = setup.out_dir
     with WriterLock(out_dir, "plan cell"):
-        if cfg.get("overwrite", False):
-            status = "todo"
-        else:
-            status = cell_status(out_dir, setup.key)
+        status = "todo" if cfg.get("overwrite", False) else cell_status(out_dir, setup.key)
         if status == "finished":
             print(f"already evaluated: {out_dir / 'summary.json'} (same key; overwrite=true to re-run)")
             return out_dir
-        # The finish marker goes first, the key next: a kill from here on leaves a half-done cell
-        # that only a run with this same key resumes (recomputes).
-        (out_dir / "summary.json").unlink(missing_ok=True)
-        write_key(out_dir, setup.key)
-        _evaluate_cell(cfg, setup)
+        # Load the model and build the episodes before writing anything: a missing dataset or wrong
+        # weights leave no half-made cell behind.
+        env, job = _cell_job(cfg, setup)
+        try:
+            # The finish marker goes first, old videos next, the key last: a kill from here on leaves a
+            # half-done cell that only a run with this same key resumes (recomputes).
+            (out_dir / "summary.json").unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "videos", ignore_errors=True)
+            write_key(out_dir, setup.key)
+            evaluate_policy(**job)
+        finally:
+            env.close()
     return out_dir
 
 
-def _evaluate_cell(cfg: dict, setup: PlanSetup) -> None:
+def _cell_job(cfg: dict, setup: PlanSetup) -> tuple[object, dict]:
+    """(env, keyword arguments of ``evaluate_policy``): the model, env, start/goal pairs and policy."""
     import torch
 
     from wmlab.envs import make_env
@@ -563,18 +569,21 @@ def _evaluate_cell(cfg: dict, setup: PlanSetup) -> None:
         torch.manual_seed(seed)
         policy = make_policy(cfg["planner"], env=env, protocol=setup.protocol, horizon=int(cfg["goal_H"]),
                              model=model, objective=objective, chunk=cfg.get("chunk"))  # fmt: skip
-        extra = {
-            "planner": cfg["planner"],
-            "goal_source": cfg["goal_source"],
-            "goal_H": int(cfg["goal_H"]),
-            "seed": seed,
-            "objective": cfg["objective"],
-            "run_dir": str(setup.run_dir) if setup.run_dir else None,
-            "key": fingerprint(setup.key),
-        }
-        evaluate_policy(
-            policy, env, starts, goals, seeds, setup.protocol, setup.out_dir,
-            n_videos=int(cfg.get("n_videos", 3)), extra=extra, progress=bool(cfg.get("progress", True)),
-        )  # fmt: skip
-    finally:
+    except BaseException:
         env.close()
+        raise
+    extra = {
+        "planner": cfg["planner"],
+        "goal_source": cfg["goal_source"],
+        "goal_H": int(cfg["goal_H"]),
+        "seed": seed,
+        "objective": cfg["objective"],
+        "run_dir": str(setup.run_dir) if setup.run_dir else None,
+        "key": fingerprint(setup.key),
+    }
+    job = {
+        "policy": policy, "env": env, "starts": starts, "goals": goals, "pair_seeds": seeds,
+        "protocol": setup.protocol, "out_dir": setup.out_dir, "n_videos": int(cfg.get("n_videos", 3)),
+        "extra": extra, "progress": bool(cfg.get("progress", True)),
+    }  # fmt: skip
+    return env, job
