@@ -262,7 +262,7 @@ class Study:
         out = keyed_dir(self.dir / "cells", self.cell_label(encoder, seed, planner), key)
         self.cells[(encoder, seed, planner)] = out
         record = out / "study_cell.json"
-        if (out / "summary.json").is_file() and record.is_file() and _same(read_json(record), key):
+        if (out / "summary.json").is_file() and record.is_file() and _same(_read_or_none(record), key):
             return
         pcfg["out"] = str(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -326,7 +326,7 @@ class Study:
         diag_key = {"kind": "study_diagnostics", "format": CELL_FORMAT, "run": run,
                     "diagnostics": self.cfg["diagnostics"], "data": self.data_fingerprint}  # fmt: skip
         self.diagnostics_keys[(encoder, seed)] = diag_key
-        saved = read_json(diag_path) if diag_path.is_file() else {}
+        saved = (_read_or_none(diag_path) or {}) if diag_path.is_file() else {}
         if not _same(saved.get("key"), diag_key):
             try:
                 row, distances = self.timed(f"diagnose:{encoder}", self.diagnose, run_dir, data)
@@ -465,6 +465,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def _settings(cfg: dict) -> dict:
     """A composed config without the entries that do not change results (paths, display, resume)."""
     return {k: v for k, v in cfg.items() if k not in _VOLATILE}
+
+
+def _read_or_none(path: Path):
+    """A JSON record, or None when it is unreadable (then the cell is recomputed, never trusted)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
 
 
 def _same(a, b) -> bool:
