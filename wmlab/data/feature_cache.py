@@ -113,11 +113,10 @@ def _args_from_info(info) -> dict:
         kwargs["norm"] = suffix[: -len("_norm")]
     elif suffix:
         kwargs["output"] = suffix
-    for key in ("patch_size", "size"):
-        if key in (info.extra or {}) and choice in ("pixels", "random_vit"):
-            kwargs[key] = info.extra[key]
-    if choice in ("pixels", "random_vit") or info.input_size:
-        kwargs.setdefault("input_size", info.input_size)
+    if "patch_size" in (info.extra or {}) and choice in ("pixels", "random_vit"):
+        kwargs["patch_size"] = info.extra["patch_size"]  # an option of these two families only
+    if info.input_size:
+        kwargs["input_size"] = info.input_size
     return {"encoder": choice, "weights": info.weights, "token_pool": info.token_pool, "kwargs": kwargs}
 
 

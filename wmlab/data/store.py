@@ -100,9 +100,12 @@ def clean_dead_partials(directory: Path) -> int:
     uuid instead of a pid, so they are removed here, which is safe only because the caller holds the
     artefact's ``WriterLock`` and has not started its workers yet: nobody else can be writing.
     """
+    directory = Path(directory)
     removed = clean_partials(directory, recursive=True)
-    for path in Path(directory).rglob("*.partial"):
-        if path.is_file() and _ZARR_TMP.match(path.name):
+    for path in directory.rglob("*.partial"):
+        # features/ holds caches with locks of their own: an encoder may be writing there now.
+        inside_cache = "features" in path.relative_to(directory).parts
+        if path.is_file() and _ZARR_TMP.match(path.name) and not inside_cache:
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed += 1
