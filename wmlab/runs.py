@@ -377,19 +377,27 @@ def sync_exports(ckpt_path: Path) -> bool:
     return True
 
 
-def ensure_exports(ckpt_path: Path, lock_target: Path, what: str) -> None:
-    """For readers: repair lagging exports under the writer lock; leave them if a writer is live
-    (it is about to write them itself)."""
+def ensure_exports(ckpt_path: Path, lock_target: Path, what: str) -> str:
+    """For readers: repair lagging exports under the writer lock. Returns the exports' state after it:
+    ``"lags"`` only if they could not be repaired (a live writer holds the lock and is about to write
+    them itself, or the run is read-only); then read the checkpoint itself (``checkpoint_weights``)."""
     try:
-        if export_state(ckpt_path) != "lags":
-            return
+        state = export_state(ckpt_path)
     except FileNotFoundError:
-        return
+        return "none"
+    if state != "lags":
+        return state
     try:
         with WriterLock(lock_target, what):
             sync_exports(ckpt_path)
-    except LockHeld:
-        pass
+        return "current"
+    except (LockHeld, OSError):
+        return "lags"
+
+
+def checkpoint_weights(ckpt_path: Path) -> dict[str, torch.Tensor]:
+    """The module weights (``model.*``, prefix stripped) of a one-file checkpoint."""
+    return {k[len("model.") :]: v for k, v in load_tensors(ckpt_path).items() if k.startswith("model.")}
 
 
 # ------------------------------------------------------------ the runs.py-based trainers' helpers

@@ -10,6 +10,7 @@ rank takes a shard of every epoch's permutation, rank 0 writes).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -27,11 +28,11 @@ from wmlab.encoders import make_encoder
 from wmlab.integrity import UserError, WriterLock, clean_partials, key_differences
 from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
 from wmlab.runs import (
-    DISK_ERRNOS,
     RUN_CHECKPOINT,
     VOLATILE_CONFIG_KEYS,
     CheckpointWriteError,
     apply_optimizer_settings,
+    checkpoint_weights,
     commit_checkpoint,
     ensure_exports,
     load_checkpoint,
@@ -319,6 +320,7 @@ def optimizer_settings(tcfg: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- main loop
 RUN_WHAT = "training run"
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 MAX_ABS_WEIGHT = 1e6  # a world model's weights are O(1); beyond this training has diverged
 
 
@@ -337,7 +339,8 @@ def train(cfg: dict) -> Path:
         with WriterLock(run_dir, RUN_WHAT):
             return _train(cfg, rank, world)
     except OSError as err:
-        if err.errno in DISK_ERRNOS and not isinstance(err, CheckpointWriteError):
+        # Only errors that can only come from writing (EACCES could be a read: left to the caller).
+        if err.errno in WRITE_ERRNOS and not isinstance(err, CheckpointWriteError):
             where = err.filename or run_dir
             raise CheckpointWriteError(
                 f"could not write {where}: {os.strerror(err.errno)}. The last good checkpoint "
@@ -610,10 +613,13 @@ def _resume(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, write: b
 def load_run(run_dir: str | Path, device="cpu") -> tuple[LatentWorldModel, dict]:
     """Rebuild a trained model from its run directory alone: (model in eval mode, config)."""
     run_dir = Path(run_dir)
+    weights = run_dir / "model.safetensors"
+    state = None
     if (run_dir / RUN_CHECKPOINT).is_file():  # repair an export that lags; refuse one that disagrees
-        ensure_exports(run_dir / RUN_CHECKPOINT, run_dir, RUN_WHAT)
+        if ensure_exports(run_dir / RUN_CHECKPOINT, run_dir, RUN_WHAT) == "lags":
+            state = checkpoint_weights(run_dir / RUN_CHECKPOINT)  # unrepairable now: the newest committed
     cfg = read_config(run_dir / "config.yaml")
     meta = read_json(run_dir / "metadata.json")
     model = LatentWorldModel(WorldModelConfig(**meta["model"]))
-    model.load_state_dict(load_tensors(run_dir / "model.safetensors"))
+    model.load_state_dict(state if state is not None else load_tensors(weights))
     return model.to(device).eval(), cfg

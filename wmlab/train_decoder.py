@@ -25,6 +25,7 @@ from wmlab.integrity import UserError, WriterLock
 from wmlab.models.decoder import DecoderConfig, LatentDecoder
 from wmlab.runs import (
     apply_optimizer_settings,
+    checkpoint_weights,
     ensure_exports,
     load_tensors,
     load_training_checkpoint,
@@ -236,9 +237,11 @@ def _last_good(run_dir: Path, history: list, lr: float) -> str:
 def load_decoder(run_dir: str | Path, device="cpu") -> LatentDecoder:
     """The run's trained decoder (eval mode); an export that lags its checkpoint is re-exported first."""
     run_dir = Path(run_dir)
-    if (run_dir / CHECKPOINT_FILE).is_file():
-        ensure_exports(run_dir / CHECKPOINT_FILE, run_dir, RUN_WHAT)
+    weights = None
+    if (run_dir / CHECKPOINT_FILE).is_file():  # repair an export that lags; refuse one that disagrees
+        if ensure_exports(run_dir / CHECKPOINT_FILE, run_dir, RUN_WHAT) == "lags":
+            weights = checkpoint_weights(run_dir / CHECKPOINT_FILE)  # unrepairable now: the newest committed
     state = read_json(run_dir / "decoder.json")
     decoder = LatentDecoder(DecoderConfig(**state["config"]))
-    decoder.load_state_dict(load_tensors(run_dir / "decoder.safetensors"))
+    decoder.load_state_dict(weights if weights is not None else load_tensors(run_dir / "decoder.safetensors"))
     return decoder.to(device).eval()
