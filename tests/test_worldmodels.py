@@ -258,7 +258,7 @@ def test_action_mappings():
     env = DodgeEnv(max_steps=5, spawn_prob=0.0)
     env.reset(seed=0)
     env.step([-1.0])
-    assert env.agent == DodgeEnv.GRID // 2 - 1
+    assert env.agent == env.grid // 2 - 1
     with pytest.raises(ValueError, match="finite"):
         env.step([float("nan")])
 
