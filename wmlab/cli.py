@@ -24,11 +24,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-from wmlab.config import SEARCH_PATH, ConfigError, compose, suggest_keys
-
+# Nothing heavy at import: `wmlab --help` and `wmlab --version` load neither OmegaConf nor Hydra.
 __all__ = ["VERBS", "compose", "main", "run", "run_hydra_app"]
 
 VERBS: dict[str, tuple[str, str]] = {}  # verb -> (config name, one-line help)
@@ -48,9 +49,23 @@ def verb(name: str, config: str, help_text: str):
     return register
 
 
+def compose(name: str, overrides=()) -> DictConfig:
+    """``wmlab.config.compose`` (kept here for callers of the old location)."""
+    from wmlab.config import compose as compose_config
+
+    return compose_config(name, overrides)
+
+
+def _plain(node) -> dict:
+    """A config node as plain Python containers, interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
 def env_kwargs(cfg: DictConfig) -> dict:
     """The env group's settings as ``make_env`` keyword arguments (without its ``name``)."""
-    kwargs = OmegaConf.to_container(cfg.env, resolve=True)
+    kwargs = _plain(cfg.env)
     kwargs.pop("name")
     return kwargs
 
@@ -121,8 +136,10 @@ def _check_render(cfg: DictConfig):
 def _show(cfg: DictConfig):
     from wmlab.report.show import show_dataset
 
-    for path in show_dataset(cfg.data, cfg.out, cfg.n_episodes, cfg.n_frames, cfg.gif, cfg.seed):
+    paths = show_dataset(cfg.data, cfg.out, cfg.n_episodes, cfg.n_frames, cfg.gif, cfg.seed)
+    for path in paths:
         print(path)
+    return paths
 
 
 @verb("info", "info", "summarise a dataset: episodes, lengths, shapes, metadata")
@@ -152,7 +169,7 @@ def _info(cfg: DictConfig):
 def _encode(cfg: DictConfig):
     from wmlab.data.feature_cache import encode_dataset
 
-    enc = OmegaConf.to_container(cfg.encoder, resolve=True)
+    enc = _plain(cfg.encoder)
     name, weights, token_pool = enc.pop("name"), enc.pop("weights", None), enc.pop("token_pool", 1)
     cache = encode_dataset(
         cfg.data, name, encoder_kwargs=enc, weights=weights, token_pool=token_pool,
@@ -171,7 +188,7 @@ def _encode(cfg: DictConfig):
 def _train_tokenizer(cfg: DictConfig):
     from wmlab.encoders.dino_tok import train_tokenizer
 
-    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    kwargs = _plain(cfg)
     out = train_tokenizer(kwargs.pop("data"), kwargs.pop("out"), **kwargs)
     print(f"tokenizer: {out} (use encoder=dino_tok encoder.weights={out})")
     return out
@@ -181,7 +198,7 @@ def _train_tokenizer(cfg: DictConfig):
 def _train(cfg: DictConfig):
     from wmlab.train import train
 
-    run_dir = train(OmegaConf.to_container(cfg, resolve=True))
+    run_dir = train(_plain(cfg))
     print(f"run directory: {run_dir}")
     return run_dir
 
@@ -190,7 +207,7 @@ def _train(cfg: DictConfig):
 def _train_decoder(cfg: DictConfig):
     from wmlab.train_decoder import train_decoder
 
-    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    kwargs = _plain(cfg)
     path = train_decoder(kwargs.pop("run_dir"), **kwargs)
     print(f"decoder: {path}")
     return path
@@ -209,7 +226,7 @@ def _import_dino_wm(cfg: DictConfig):
 def _plan(cfg: DictConfig):
     from wmlab.evaluate import plan
 
-    out = plan(OmegaConf.to_container(cfg, resolve=True))
+    out = plan(_plain(cfg))
     summary = json.loads((Path(out) / "summary.json").read_text())
     for key in ("reached", "final"):
         s = summary[f"success_{key}"]
@@ -233,7 +250,7 @@ def _study_command(verb_name: str) -> str:
 def _study(cfg: DictConfig):
     from wmlab.study import run_study
 
-    out = run_study({**OmegaConf.to_container(cfg, resolve=True), "command": _study_command("study")})
+    out = run_study({**_plain(cfg), "command": _study_command("study")})
     _print_report(out)
     return out
 
@@ -243,7 +260,7 @@ def _demo(cfg: DictConfig):
     from wmlab.study import run_study
 
     started = time.perf_counter()
-    out = run_study({**OmegaConf.to_container(cfg, resolve=True), "command": _study_command("demo")})
+    out = run_study({**_plain(cfg), "command": _study_command("demo")})
     print(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min")
     _print_report(out)
     return out
@@ -284,6 +301,8 @@ class HydraTask:
         self.__module__ = f"wmlab.{job_name}"
 
     def __call__(self, cfg: DictConfig):
+        from omegaconf import OmegaConf
+
         check_complete(cfg)
         OmegaConf.resolve(cfg)  # interpolation errors surface here, before any work
         result = self.fn(cfg)
@@ -303,6 +322,10 @@ class _VerbHandler:
 
 def check_complete(cfg: DictConfig) -> None:
     """Refuse a config with mandatory values (``???``) left unset, naming each one."""
+    from omegaconf import OmegaConf
+
+    from wmlab.config import ConfigError
+
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
@@ -348,7 +371,7 @@ def run_hydra_app(task: HydraTask, config: str, args: Sequence[str], prog: str) 
     from hydra import version
     from hydra._internal.utils import _run_hydra, get_args_parser
 
-    from wmlab.config import VERSION_BASE, check_overrides
+    from wmlab.config import SEARCH_PATH, VERSION_BASE, check_overrides
 
     version.setbase(VERSION_BASE)
     parser = get_args_parser()
@@ -371,6 +394,8 @@ def run_hydra_app(task: HydraTask, config: str, args: Sequence[str], prog: str) 
 
 def _dispatch(verb_name: str, args: list[str]):
     """``wmlab <verb> args...`` without the error handling: returns the verb's result(s)."""
+    from wmlab.config import ConfigError
+
     if verb_name not in VERBS:
         close = difflib.get_close_matches(verb_name, VERBS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -481,6 +506,8 @@ wmlab flags: --version, --debug (full tracebacks; or WMLAB_DEBUG=1)"""
 def verb_help(title: str, config: str, overrides: Sequence[str], summary: str, usage: str = "") -> str:
     """The verb's settings as its YAML files say them, comments included, with the config-group
     choices this command line would pick (``wmlab train encoder=dinov2_patch --help``)."""
+    from omegaconf import OmegaConf
+
     from wmlab.config import _loader, compose_with_hydra
 
     usage = usage or f"usage: {title} [key=value ...] [Hydra flags]"
@@ -524,26 +551,33 @@ def _usage() -> str:
 def _top_level_completion(argv: list[str]) -> int:
     """``wmlab -sc install=bash`` and the completion queries the installed script sends.
 
-    Hydra's script asks ``wmlab -sc query=bash`` with the whole line in ``COMP_LINE``: the verb is
-    completed here; after it, the verb's app completes its settings (the line minus the verb).
+    Hydra's script asks ``wmlab -sc query=bash`` with the whole line in ``COMP_LINE``: the verb (and
+    a ``worldmodels`` stage) is completed here; after it, the verb's own app completes its settings,
+    given the line without the verb.
     """
-    query = next((a for a in argv[1:] if a.startswith("query=")), None)
-    if query is None:  # install / uninstall: the script is the same for every verb
+    if not any(a.startswith("query=") for a in argv[1:]):  # install / uninstall: one script for all verbs
         return main(["info", *argv])
-    words = os.environ.get("COMP_LINE", "").split()
     line = os.environ.get("COMP_LINE", "")
-    typed_past_verb = len(words) > 2 or (len(words) == 2 and line.endswith(" "))
-    if not typed_past_verb:
-        prefix = words[1] if len(words) == 2 else ""
-        print(" ".join(v for v in VERBS if v.startswith(prefix)))
+    words = line.split()
+    position = len(words) if line.endswith(" ") or not words else len(words) - 1  # the word being typed
+    typed = words[position] if position < len(words) else ""
+    if position <= 1:
+        print(" ".join(v for v in VERBS if v.startswith(typed)))
         return 0
     verb_name = words[1]
+    if verb_name == "worldmodels" and position == 2:
+        from wmlab.worldmodels.cli import STAGES
+
+        print(" ".join(s for s in STAGES if s.startswith(typed)))
+        return 0
     if verb_name not in VERBS:
         return 0
-    skip = 2 if verb_name == "worldmodels" and len(words) > 2 and "=" not in words[2] else 1
-    rest = line.split(None, skip + 1)
-    os.environ["COMP_LINE"] = words[0] + " " + (rest[skip + 1] if len(rest) > skip + 1 else "")
-    return main([*words[1 : 1 + skip], *argv])
+    skip = 2 if verb_name == "worldmodels" else 1
+    os.environ["COMP_LINE"] = " ".join([words[0], *words[1 + skip :]]) + (" " if line.endswith(" ") else "")
+    try:
+        return main([*words[1 : 1 + skip], *argv])
+    finally:
+        os.environ["COMP_LINE"] = line
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -578,6 +612,8 @@ def _config_message(err: BaseException, label: str, overrides: Sequence[str]) ->
     drop = ("full_key:", "object_type=", "reference_type=", "To append to your config use")
     lines = [line for line in lines if not line.strip().startswith(drop)]
     message = "\n".join(lines)
+    from wmlab.config import suggest_keys
+
     if "Missing mandatory value" in message and "give it on the command line" not in message:
         message += "\n(give it on the command line as key=value)"
     if "Could not override" in message or "not in struct" in message:
@@ -590,9 +626,24 @@ def _config_message(err: BaseException, label: str, overrides: Sequence[str]) ->
 _OUT_KEYS = "output (out=... / run_dir=... / study_dir=...)"
 
 
+def _path_in_traceback(err: BaseException) -> str | None:
+    """The file a failed write was writing, when the OSError does not say (``f.write`` raising
+    ENOSPC carries no file name): the innermost frame's local ``filename``/``path``/``out``."""
+    tb, found = err.__traceback__, None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        for name in ("filename", "path", "file", "out", "target"):
+            value = local.get(name)
+            if isinstance(value, (str, Path)) and str(value):
+                found = str(value)
+                break
+        tb = tb.tb_next
+    return found
+
+
 def _os_error_message(err: OSError) -> str:
     """Disk full, read-only, no permission, missing file: the path and what to do."""
-    path = err.filename or "the output"
+    path = err.filename or _path_in_traceback(err) or "the output"
     code = err.errno
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return f"disk full / over quota writing {path}: free space there or choose another {_OUT_KEYS}"
@@ -623,6 +674,7 @@ def main_guarded(label: str, fn, overrides: Sequence[str] = (), debug: bool = Fa
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from wmlab.config import ConfigError
     from wmlab.integrity import UserError
 
     def say(kind: str, message: str, code: int) -> int:
@@ -637,8 +689,11 @@ def main_guarded(label: str, fn, overrides: Sequence[str] = (), debug: bool = Fa
             return say("", code, EXIT_USER)
         return int(code or 0)
     except KeyboardInterrupt as err:
-        print(f"\nwmlab {label}: {err or 'interrupted'}", file=sys.stderr)
+        print(f"\nwmlab {label}: {str(err) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `wmlab ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except Exception as err:
         if debug:
             raise
@@ -653,6 +708,8 @@ def main_guarded(label: str, fn, overrides: Sequence[str] = (), debug: bool = Fa
         if type(err).__module__.startswith("yaml") and hasattr(err, "problem"):  # yaml.YAMLError
             where = getattr(err, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            if where is not None and where.name and not where.name.startswith("<"):
+                at = f" in {where.name}{at}"  # a named file (Hydra parses text: then no name)
             return say("error: ", f"invalid YAML{at}: {err.problem} (fix the file)", EXIT_USER)
         if type(err).__name__ == "OutOfMemoryError":
             first = (str(err).splitlines() or [""])[0]
