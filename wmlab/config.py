@@ -107,10 +107,19 @@ def check_overrides(name: str, overrides: Iterable[str]) -> None:
         if override.is_hydra_override() or key.startswith("hydra") or _is_group(key):
             continue
         if override.is_add() or override.is_force_add():
+            verb_help = f"wmlab {config_name(name).replace('_', '-')} --help"
+            if key in _default_keys(name):
+                if override.is_force_add():
+                    continue  # ++key=value on an existing key is a plain override
+                value = override.input_line.split("=", 1)[1] if "=" in override.input_line else "<value>"
+                raise ConfigError(
+                    f"'{override.input_line}': '{key}' is already a setting of '{config_name(name)}'; "
+                    f"give it without '+': {key}={value}"
+                )
             hint = suggest_keys(name, [key])
             raise ConfigError(
                 f"'{override.input_line}' adds '{key}', which is not a setting of "
-                f"'{config_name(name)}': nothing would read it. Settings: wmlab <verb> --help"
+                f"'{config_name(name)}': nothing would read it (its settings: {verb_help})"
                 + (f"\n{hint}" if hint else "")
             )
         if override.is_delete():
@@ -118,6 +127,14 @@ def check_overrides(name: str, overrides: Iterable[str]) -> None:
                 f"'{override.input_line}' removes '{key}', which '{config_name(name)}' reads; "
                 f"set it instead ({key}=<value>, or {key}=null where the setting allows it)"
             )
+
+
+def _default_keys(name: str) -> list[str]:
+    """The dotted keys of ``name``'s config with its default choices ([] when it does not compose)."""
+    try:
+        return setting_keys(OmegaConf.to_container(compose(name, []), resolve=False))
+    except Exception:  # only used for hints and for telling '+' on an existing key apart
+        return []
 
 
 def setting_keys(node, prefix: str = "") -> list[str]:
@@ -132,11 +149,9 @@ def setting_keys(node, prefix: str = "") -> list[str]:
 
 def suggest_keys(name: str, keys: Iterable[str]) -> str:
     """'Did you mean ...' lines for ``keys`` that are not settings of ``name``'s default config."""
-    try:
-        base = OmegaConf.to_container(compose(name, []), resolve=False)
-    except Exception:  # the hint is a courtesy: never let it hide the real error
+    known = _default_keys(name)
+    if not known:
         return ""
-    known = setting_keys(base)
     hints = []
     for key in keys:
         key = key.split("=", 1)[0].lstrip("+~")
