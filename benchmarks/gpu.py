@@ -77,7 +77,7 @@ def matmul_peak(device: torch.device, size: int) -> dict:
             sync(device)
             if i:
                 best = min(best, time.perf_counter() - started)
-        out[name] = round(2 * size**3 / best / 1e12, 3)
+        out[name] = round(2 * size**3 / best / 1e12, 6)  # 6 decimals: tiny CPU runs are ~1e-3
     torch.backends.cuda.matmul.allow_tf32 = previous
     return out
 
@@ -164,7 +164,7 @@ def train_throughput(args, device: torch.device, work: Path, peak: dict) -> dict
             "seconds_per_step": round(seconds / timed, 4),
             "steps_timed": timed,
             "achieved_tflops": round(achieved, 3),
-            "peak_fraction": round(achieved / peak[precision], 3),
+            "peak_fraction": round(achieved / peak[precision], 3) if peak[precision] else None,
         }
     out["bf16_over_fp32"] = round(out["bf16"]["windows_per_second"] / out["fp32"]["windows_per_second"], 3)
     return out
@@ -236,7 +236,8 @@ def planning(args, device: torch.device, peak: dict) -> tuple[dict, dict]:
         "memory_budget_gb": round(default_budget(device) / 1e9, 2),
         "estimated_peak_gb": round(per_row * run["chunk"] / 1e9, 2),
         "peak_memory_gb": None if run["peak_bytes"] is None else round(run["peak_bytes"] / 1e9, 2),
-        "achieved_tflops": round(achieved, 3), "peak_fraction": round(achieved / precision_peak, 3),
+        "achieved_tflops": round(achieved, 3),
+        "peak_fraction": round(achieved / precision_peak, 3) if precision_peak else None,
     }  # fmt: skip
     # bf16 vs fp32 plans on the first k episodes (same seed, so the same noise draws)
     plans = {p: one_plan(model, args, inputs, p, device, k) for p in ("fp32", "bf16")}
