@@ -282,6 +282,7 @@ class TrajectoryStore:
         """Write per-slot seeds (E,) (one atomic file)."""
         self._require_writable()
         self.arrays["seeds"][:] = np.asarray(seeds, dtype=np.int64)
+        self._seeds = None
 
     def commit(self, lengths_by_index: dict[int, int]) -> None:
         """Make episodes visible: their digests, then the commit index (one atomic file write each,
@@ -302,6 +303,7 @@ class TrajectoryStore:
         self._lengths = lengths
         self._padded_cache = {}
         self._digests = None
+        self._seeds = None
 
     def update_metadata(self, **items) -> None:
         self._require_writable()
@@ -341,6 +343,7 @@ class TrajectoryStore:
         self._lengths = lengths
         self._padded_cache: dict[str, np.ndarray] = {}
         self._digests: np.ndarray | None = None
+        self._seeds: np.ndarray | None = None
 
     def _repair_interrupted_grow(self, lengths: np.ndarray) -> np.ndarray:
         """Slots past the first chunk that read -1 with no frame files are a ``grow`` killed between
@@ -385,14 +388,16 @@ class TrajectoryStore:
 
     @property
     def seeds(self) -> np.ndarray:
-        """int64 (E,) per-slot seeds (checked)."""
-        seeds = self._read("seeds", "the episode seeds")[: self.n_slots]
-        if self.format_version >= 2 and (seeds[self.committed] == MISSING_SEED).any():
-            raise DatasetError(
-                f"the seeds of dataset {self.path} are missing ({self.path / 'seeds'}); delete the "
-                "dataset and collect it again"
-            )
-        return seeds
+        """int64 (E,) per-slot seeds (checked; read once per commit-index version)."""
+        if self._seeds is None:
+            seeds = self._read("seeds", "the episode seeds")[: self.n_slots]
+            if self.format_version >= 2 and (seeds[self.committed] == MISSING_SEED).any():
+                raise DatasetError(
+                    f"the seeds of dataset {self.path} are missing ({self.path / 'seeds'}); delete the "
+                    "dataset and collect it again"
+                )
+            self._seeds = seeds
+        return self._seeds.copy()
 
     def __len__(self) -> int:
         return int((self._lengths > 0).sum())
@@ -461,12 +466,13 @@ class TrajectoryStore:
                 if not self._chunk_file(name, (int(index), 0, 0)).is_file():
                     raise self._missing_chunk(name, int(index))
             try:
-                values = np.asarray(self.arrays[name][: self.n_slots])
+                values = np.array(self.arrays[name][: self.n_slots])  # (E, T, dim), one Zarr call
             except Exception:
-                for index in committed:  # find and name the bad chunk
-                    self._read_episode_chunk(name, int(index))
-                raise
-            values = values.copy() if not values.flags.writeable else values
+                # Read the committed episodes one by one: names the bad chunk, or (if only an
+                # uncommitted slot's chunk is damaged) still serves every committed episode.
+                values = np.zeros((self.n_slots, *self.arrays[name].shape[1:]), np.float32)
+                for index in committed:
+                    values[index] = self._read_episode_chunk(name, int(index))
             values[self._lengths == 0] = 0.0
             valid = np.arange(self.max_len)[None, :] < self._lengths[:, None]  # (E, T)
             bad = ~np.isfinite(values).all(axis=-1) & valid  # (E, T)
