@@ -366,6 +366,10 @@ def train_controller(
     writer = tensorboard(out)
 
     def save(generation: int) -> None:
+        save_state(generation)
+        export(generation)
+
+    def save_state(generation: int) -> None:
         atomic_save_tensors(
             {
                 "x0": torch.as_tensor(start),
@@ -379,6 +383,8 @@ def train_controller(
             state_path,
             metadata={"generation": generation, "settings": json.dumps(settings)},
         )
+
+    def export(generation: int) -> None:
         save_controller(
             out / CONTROLLER_FILE,
             cfg,
@@ -456,11 +462,13 @@ def train_controller(
             bar.update(1)
             bar.set_postfix(mean=f"{row[0]:.1f}", best=f"{row[1]:.1f}")
         if done >= generations:
-            if not len(evals):
-                evaluate(done)
             # cmaes.safetensors is the one atomic unit; the controller and JSON are exports written
             # after it, so a kill between them leaves them behind: re-export them from the state.
-            save(done)
+            # The state itself is rewritten only when it changed (a finished run stays byte-identical).
+            if not len(evals):
+                evaluate(done)
+                save_state(done)
+            export(done)
     finally:
         bar.close()
         evaluator.close()
