@@ -480,3 +480,48 @@ def test_a_cache_never_mixes_precisions(tmp_path):
     assert FeatureCache(cache.path).committed.tolist() == [0]
     meta = json.loads((cache.path / "zarr.json").read_text())["attributes"]
     assert meta["encode_args"]["encoder"] == "pixels"
+
+
+def test_every_bit_flip_in_normalization_json_is_refused_or_harmless(tmp_path):
+    """A flipped digit still parses as a number: the file's own checksum must catch it."""
+    from wmlab.data.normalization import NormalizationStats
+
+    stats = NormalizationStats(
+        np.array([0.1, -0.2], np.float32), np.array([1.3, 1.1], np.float32),
+        np.array([0.5, -2.0], np.float32), np.array([3.0, 4.0], np.float32),
+    )  # fmt: skip
+    path = tmp_path / "normalization.json"
+    stats.save(path)
+    raw = path.read_bytes()
+    outcomes = {"refused": 0, "same": 0}
+    for i in range(len(raw)):
+        for bit in range(8):
+            flipped = bytearray(raw)
+            flipped[i] ^= 1 << bit
+            path.write_bytes(bytes(flipped))
+            try:
+                loaded = NormalizationStats.load(path)
+            except DatasetError as err:
+                assert str(path) in str(err)
+                outcomes["refused"] += 1
+                continue
+            for name in stats.__dict__:  # loaded without error: must be the very same statistics
+                np.testing.assert_array_equal(getattr(loaded, name), getattr(stats, name))
+            outcomes["same"] += 1
+    assert outcomes["refused"] > 0.99 * len(raw) * 8
+
+
+def test_a_cache_without_its_root_metadata_is_an_error_not_a_silent_fallback(tmp_path):
+    """Training with a damaged cache must not quietly encode on the fly (other speed, maybe other tokens)."""
+    from wmlab.data.feature_cache import encode_dataset
+    from wmlab.encoders import make_encoder
+    from wmlab.train import find_feature_cache
+
+    store = make_store(tmp_path / "d.zarr", size=16)
+    encoder = make_encoder("pixels", input_size=16, patch_size=8)
+    assert find_feature_cache(store, encoder) is None  # never built: encode on the fly, as documented
+    cache = encode_dataset(store, "pixels", encoder_kwargs={"input_size": 16, "patch_size": 8}, progress=False)
+    assert find_feature_cache(store, encoder).path == cache.path
+    (cache.path / "zarr.json").unlink()
+    with pytest.raises(DatasetError, match=r"damaged \(its zarr.json is missing\).*wmlab encode"):
+        find_feature_cache(store, encoder)

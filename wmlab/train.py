@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from wmlab.data.errors import DatasetError
 from wmlab.data.normalization import NormalizationStats
 from wmlab.data.store import TrajectoryStore, jsonable
 from wmlab.data.windows import WindowDataset, WindowSpec, make_datasets
@@ -75,10 +76,18 @@ def find_feature_cache(store: TrajectoryStore, encoder):
 
     A cache that exists but is stale or incomplete is an error, never silently bypassed.
     """
-    from wmlab.data.feature_cache import cache_path, open_feature_cache
+    from wmlab.data.feature_cache import cache_path, encode_command, open_feature_cache
 
-    if not (cache_path(store.path, encoder.info) / "zarr.json").is_file():
+    path = cache_path(store.path, encoder.info)
+    if not path.exists():
         return None
+    if not (path / "zarr.json").is_file():
+        # A cache appears only complete (built aside, then renamed), so a directory without its root
+        # metadata is damage; encoding on the fly instead would hide it and change the run's speed.
+        raise DatasetError(
+            f"the feature cache at {path} is damaged (its zarr.json is missing). Delete the directory "
+            f"and rebuild it: {encode_command(store.path, info=encoder.info)}"
+        )
     return open_feature_cache(store, encoder.info)
 
 

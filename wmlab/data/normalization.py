@@ -6,6 +6,7 @@ into the statistics; we use training episodes only. Std is the unbiased estimate
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,12 @@ from wmlab.integrity import atomic_write_json
 
 #: A dimension that never varies (e.g. a padded action) would divide by zero; clamp its std.
 MIN_STD = 1e-6
+
+
+def _payload_digest(payload: dict) -> str:
+    from wmlab.integrity import canonical_json
+
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
 @dataclass
@@ -96,18 +103,35 @@ class NormalizationStats:
             )
 
     def save(self, path: str | Path) -> None:
-        """Write JSON atomically (temp name unique to this writer, then rename); refuses NaN stats."""
+        """Write JSON atomically (temp name unique to this writer, then rename); refuses NaN stats.
+
+        The file carries ``sha256`` of its own statistics (canonical JSON), so a flipped digit, which
+        still parses as a number, is caught on load instead of silently shifting every input.
+        """
         self.check_finite(f"normalization stats for {path}")
-        atomic_write_json(path, self.to_dict())
+        payload = self.to_dict()
+        atomic_write_json(path, {**payload, "sha256": _payload_digest(payload)})
 
     @classmethod
     def load(cls, path: str | Path) -> NormalizationStats:
         path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise DatasetError("not a JSON object")
+            digest = data.pop("sha256", None)  # absent in files written before the checksum
+            unknown = set(data) - set(cls.__dataclass_fields__)
+            if unknown:  # e.g. a damaged key name, which would otherwise hide the checksum
+                raise DatasetError(f"unexpected keys {sorted(unknown)} (the file is damaged or not ours)")
+            if digest is not None and digest != _payload_digest(data):
+                raise DatasetError(
+                    "content does not match its checksum (the file was modified or damaged); "
+                    "restore it from a backup or retrain the run (its inputs depend on these values)"
+                )
+            return cls.from_dict(data)
         except DatasetError as err:
             raise DatasetError(f"{path}: {err}") from err
         except FileNotFoundError:
             raise DatasetError(f"normalization stats not found at {path}") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DatasetError(f"normalization stats at {path} are corrupt ({err})") from err
