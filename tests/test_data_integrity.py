@@ -8,6 +8,7 @@ shards and commit indexes, two processes writing one artefact at once.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -525,3 +526,13 @@ def test_a_cache_without_its_root_metadata_is_an_error_not_a_silent_fallback(tmp
     (cache.path / "zarr.json").unlink()
     with pytest.raises(DatasetError, match=r"damaged \(its zarr.json is missing\).*wmlab encode"):
         find_feature_cache(store, encoder)
+
+
+def test_only_our_own_temp_names_are_read_as_a_writer_pid():
+    from wmlab.integrity import _partial_writer_pid, unique_tmp
+
+    assert _partial_writer_pid(unique_tmp(Path("x/c.0.0")).name) == os.getpid()
+    assert _partial_writer_pid(".zarr.json.4242.00aa11bb.partial") == 4242
+    for zarr_temp in ("0.0.0." + "0" * 32 + ".partial", "zarr." + "1" * 32 + ".partial", "0.partial"):
+        assert _partial_writer_pid(zarr_temp) is None  # Zarr's own: no pid, never "pid 0, alive"
+    assert _partial_writer_pid(".x.0.00aa11bb.partial") is None

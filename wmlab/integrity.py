@@ -228,6 +228,25 @@ def atomic_write_with(path: str | Path, write, fsync: bool = True) -> None:
     fault_point(f"after-rename:{path.name}")
 
 
+def _partial_writer_pid(name: str) -> int | None:
+    """The writer pid in a ``unique_tmp`` name (``.<name>.<pid>.<8 hex>.partial``), else None.
+
+    Only our own pattern counts: Zarr's temp files (``<chunk>.<uuid hex>.partial``) carry no pid, and
+    reading a digit-only chunk name such as ``0`` as pid 0 would make them look forever alive.
+    """
+    parts = name.split(".")
+    if len(parts) < 5 or parts[0] != "" or parts[-1] != "partial":
+        return None
+    pid, token = parts[-3], parts[-2]
+    if not (pid.isdigit() and int(pid) > 0 and len(token) == 8):
+        return None
+    try:
+        int(token, 16)
+    except ValueError:
+        return None
+    return int(pid)
+
+
 def clean_partials(directory: str | Path, recursive: bool = False) -> int:
     """Delete leftover ``.partial`` temp files of writers that are no longer alive. Returns how many.
 
@@ -239,8 +258,7 @@ def clean_partials(directory: str | Path, recursive: bool = False) -> int:
         return 0
     removed = 0
     for path in directory.rglob("*.partial") if recursive else directory.glob("*.partial"):
-        parts = path.name.split(".")
-        pid = next((int(p) for p in parts[-3:-1] if p.isdigit()), None) if len(parts) >= 4 else None
+        pid = _partial_writer_pid(path.name)
         if pid is not None and _pid_alive(pid, None):
             continue
         with contextlib.suppress(OSError):
