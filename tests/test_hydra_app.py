@@ -161,3 +161,13 @@ def test_shell_completion(monkeypatch, capsys):
     assert main(["-sc", "install=bash"]) == 0
     assert "hydra_bash_completion" in capsys.readouterr().out
     assert os.environ["COMP_LINE"] == "wmlab plan planner=mpc_"
+
+
+def test_a_failed_single_run_prints_exactly_one_line(tmp_path, capsys):
+    """Hydra's "Error executing job with overrides" line would repeat the command before our error."""
+    assert main(["collect", "policy=randm", f"out={tmp_path / 'd.zarr'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["wmlab collect: error: unknown policy 'randm'; known policies: random"]
+    with pytest.raises(Exception, match="unknown policy"):  # from Python the error is raised, not printed
+        run("collect", "policy=randm", f"out={tmp_path / 'd.zarr'}")
+    assert not (tmp_path / "d.zarr").exists()

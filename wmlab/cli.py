@@ -297,15 +297,25 @@ class HydraTask:
     def __init__(self, job_name: str, fn: Callable[[DictConfig], object]) -> None:
         self.fn = fn
         self.results: list = []
+        self.defer_errors = False  # set by run_hydra_app for single runs (not pickled to other jobs)
+        self.deferred_error: Exception | None = None
         # Hydra reads only the last dotted part (detect_task_name); the class stays importable.
         self.__module__ = f"wmlab.{job_name}"
 
     def __call__(self, cfg: DictConfig):
         from omegaconf import OmegaConf
 
-        check_complete(cfg)
-        OmegaConf.resolve(cfg)  # interpolation errors surface here, before any work
-        result = self.fn(cfg)
+        try:
+            check_complete(cfg)
+            OmegaConf.resolve(cfg)  # interpolation errors surface here, before any work
+            result = self.fn(cfg)
+        except Exception as err:
+            if not self.defer_errors:
+                raise
+            # A single run: hand the error to run_hydra_app to raise after Hydra returns, so main_guarded
+            # prints one line (Hydra would first write "Error executing job with overrides: ...").
+            self.deferred_error = err
+            return None
         self.results.append(result)
         return result
 
@@ -380,11 +390,15 @@ def run_hydra_app(task: HydraTask, config: str, args: Sequence[str], prog: str) 
     check_overrides(parsed.config_name or config, parsed.overrides)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; main_guarded prints one line
+    task.defer_errors, task.deferred_error = not parsed.multirun, None
     try:
         _run_hydra(
             args=parsed, args_parser=parser, task_function=task, config_path=SEARCH_PATH, config_name=config
         )
+        if task.deferred_error is not None:
+            raise task.deferred_error
     finally:
+        task.defer_errors = False
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
