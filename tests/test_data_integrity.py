@@ -521,7 +521,9 @@ def test_a_cache_without_its_root_metadata_is_an_error_not_a_silent_fallback(tmp
     store = make_store(tmp_path / "d.zarr", size=16)
     encoder = make_encoder("pixels", input_size=16, patch_size=8)
     assert find_feature_cache(store, encoder) is None  # never built: encode on the fly, as documented
-    cache = encode_dataset(store, "pixels", encoder_kwargs={"input_size": 16, "patch_size": 8}, progress=False)
+    cache = encode_dataset(
+        store, "pixels", encoder_kwargs={"input_size": 16, "patch_size": 8}, progress=False
+    )
     assert find_feature_cache(store, encoder).path == cache.path
     (cache.path / "zarr.json").unlink()
     with pytest.raises(DatasetError, match=r"damaged \(its zarr.json is missing\).*wmlab encode"):

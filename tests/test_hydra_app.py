@@ -171,3 +171,18 @@ def test_a_failed_single_run_prints_exactly_one_line(tmp_path, capsys):
     with pytest.raises(Exception, match="unknown policy"):  # from Python the error is raised, not printed
         run("collect", "policy=randm", f"out={tmp_path / 'd.zarr'}")
     assert not (tmp_path / "d.zarr").exists()
+
+
+def test_non_finite_losses_are_one_line_user_errors(capsys):
+    from wmlab.cli import main_guarded
+    from wmlab.integrity import NonFiniteError
+
+    def diverge():
+        raise NonFiniteError("VAE loss became nan at step 3; lower lr= and re-run")
+
+    assert main_guarded("worldmodels train-vae", diverge) == 1
+    assert (
+        capsys.readouterr().err
+        == "wmlab worldmodels train-vae: error: VAE loss became nan at step 3; lower lr= and re-run\n"
+    )
+    assert issubclass(NonFiniteError, FloatingPointError)  # callers catching FloatingPointError still do

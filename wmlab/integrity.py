@@ -31,6 +31,10 @@ class UserError(Exception):
     """An error the user caused and can fix; its message names the thing and the fix."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """A loss, cost or fitness became NaN/inf; the message says where and what to change."""
+
+
 class LockHeld(UserError):
     """Another live process is writing the artefact."""
 

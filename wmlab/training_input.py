@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from wmlab.integrity import NonFiniteError
+
 
 def _identity(batch):
     return batch
@@ -99,6 +101,6 @@ class FiniteWatch:
         self._flags = []
         if not bool(flags.all()):
             bad = first + int((~flags).nonzero()[0, 0])
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"training loss became NaN/inf at step {bad + 1}; lower the learning rate or check the inputs"
             )

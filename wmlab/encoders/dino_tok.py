@@ -56,6 +56,7 @@ from torch.nn import functional as F
 
 from wmlab.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderInfo, normalize, resize
 from wmlab.encoders.weights import freeze, weights_sha256
+from wmlab.integrity import NonFiniteError
 from wmlab.runs import locked_run
 
 FORMAT = "wmlab-dino-tok"
@@ -401,7 +402,7 @@ def train_tokenizer(
         recon = head.decode(head.project(features(x)))  # (B, 3, S, S)
         loss = F.mse_loss(recon, target)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"tokenizer loss became {loss.item()} at step {step + 1}; lower lr and re-run"
             )
         optimizer.zero_grad(set_to_none=True)

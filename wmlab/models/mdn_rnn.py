@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from wmlab.integrity import NonFiniteError
 from wmlab.runs import locked_run
 
 FORMAT = "wmlab-worldmodels-mdn-rnn"
@@ -386,7 +387,7 @@ def train_rnn(
             batch["z"], batch["a"], batch["z_next"], batch["done"], batch["mask_z"], batch["mask_done"]
         )
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"MDN-RNN loss became {loss.item()} at step {step + 1}; lower lr= and re-run"
             )
         optimizer.zero_grad(set_to_none=True)

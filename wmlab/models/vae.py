@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmlab.integrity import NonFiniteError
 from wmlab.runs import locked_run
 
 FORMAT = "wmlab-worldmodels-vae"
@@ -317,9 +318,7 @@ def train_vae(
         torch.manual_seed(int(rng.integers(2**31)))
         loss, parts = model.loss(x)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"VAE loss became {loss.item()} at step {step + 1}; lower lr= and re-run"
-            )
+            raise NonFiniteError(f"VAE loss became {loss.item()} at step {step + 1}; lower lr= and re-run")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from wmlab.integrity import NonFiniteError
+
 CostFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -58,7 +60,7 @@ def check_costs(costs: torch.Tensor, B: int, S: int, who: str) -> torch.Tensor:
     finite = torch.isfinite(costs)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"{who}: cost_fn returned {int((~finite).sum())} NaN/inf costs of {B * S} (first at start "
             f"state {bad[0]}, candidate {bad[1]}); check the world model's weights, the normalisation "
             "stats and the objective's inputs"

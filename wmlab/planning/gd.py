@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from wmlab.integrity import NonFiniteError
 from wmlab.planning.base import CostFn, Planner, Tracker, check_budget, check_horizon, check_positive
 
 OPTIMIZERS = ("sgd", "adam")
@@ -80,7 +81,7 @@ class GD(Planner):
                 (grad,) = torch.autograd.grad(costs.sum(), actions)
             tracker.update(actions, costs)
             if not bool(torch.isfinite(grad).all()):
-                raise FloatingPointError("gd: the cost's gradient has NaN/inf entries; try a smaller lr")
+                raise NonFiniteError("gd: the cost's gradient has NaN/inf entries; try a smaller lr")
             actions.grad = grad
             opt.step()
             if self.action_noise > 0:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wmlab.integrity import NonFiniteError
 from wmlab.runs import locked_run
 from wmlab.worldmodels.controller import ControllerConfig
 
@@ -447,7 +448,7 @@ def train_controller(
             returns = evaluator(cfg, X.astype(np.float32), seeds)  # (P, R)
             fitness = returns.mean(1) - l2_coef * (X**2).mean(1)
             if not np.isfinite(fitness).all():
-                raise FloatingPointError(f"generation {g + 1}: non-finite fitness {fitness}")
+                raise NonFiniteError(f"generation {g + 1}: non-finite fitness {fitness}")
             es.tell(X, list(-fitness))  # pycma minimises
             fitness_hist = np.concatenate([fitness_hist, -fitness[None]])
             seconds = time.perf_counter() - started
