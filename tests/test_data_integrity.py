@@ -538,3 +538,20 @@ def test_only_our_own_temp_names_are_read_as_a_writer_pid():
     for zarr_temp in ("0.0.0." + "0" * 32 + ".partial", "zarr." + "1" * 32 + ".partial", "0.partial"):
         assert _partial_writer_pid(zarr_temp) is None  # Zarr's own: no pid, never "pid 0, alive"
     assert _partial_writer_pid(".x.0.00aa11bb.partial") is None
+
+
+def test_lock_wait_is_a_cli_option_and_the_study_waits(tmp_path, capsys, monkeypatch):
+    from wmlab.cli import main
+    from wmlab.config import compose
+
+    monkeypatch.setenv("WMLAB_HYDRA_DIR", str(tmp_path / "hydra"))
+    out = tmp_path / "d.zarr"
+    args = ["collect", f"out={out}", "n_episodes=2", "episode_len=8", "workers=1", "img_size=16",
+            "progress=false", "preview=false"]  # fmt: skip
+    holder = _hold_lock(out, 1.5)
+    assert main(args) == 1
+    assert f"being written by pid {holder.pid}" in capsys.readouterr().err
+    assert main([*args, "lock_wait=30"]) == 0  # waits for the holder, then collects
+    holder.wait(timeout=30)
+    assert compose("encode", ["data=x"]).lock_wait == 0
+    assert compose("study", []).lock_wait > 600  # cells of one array wait for the shared dataset/cache

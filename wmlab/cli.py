@@ -84,6 +84,7 @@ def _collect(cfg: DictConfig):
         seed=cfg.seed,
         env_kwargs=env_kwargs(cfg),
         progress=cfg.progress,
+        lock_wait=cfg.lock_wait,
     )
     run = store.metadata.get("last_run", {})
     print(f"{len(store)}/{store.n_slots} episodes in {store.path} ({run.get('frames_per_second')} frames/s)")
@@ -174,6 +175,7 @@ def _encode(cfg: DictConfig):
     cache = encode_dataset(
         cfg.data, name, encoder_kwargs=enc, weights=weights, token_pool=token_pool,
         batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress, out=cfg.out,
+        lock_wait=cfg.lock_wait,
     )  # fmt: skip
     info = cache.info
     print(f"{len(cache)} episodes of {info.num_tokens} x {info.dim} tokens in {cache.path}")

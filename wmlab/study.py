@@ -168,6 +168,7 @@ class Study:
             "collect", collect, out=data, env=name, n_episodes=int(c["n_episodes"]),
             episode_len=int(c["episode_len"]), policy="random", workers=int(c["workers"]),
             seed=int(c["seed"]), env_kwargs=env, progress=self.cfg["progress"],
+            lock_wait=float(self.cfg.get("lock_wait", 0)),
         )  # fmt: skip
         return data
 
@@ -353,6 +354,7 @@ class Study:
             data, enc["name"], encoder_kwargs=encoder_kwargs(enc), weights=enc.get("weights"),
             token_pool=enc.get("token_pool", 1), batch_size=int(self.cfg["encode_batch_size"]),
             device=self.cfg["device"], progress=self.cfg["progress"],
+            lock_wait=float(self.cfg.get("lock_wait", 0)),
         )  # fmt: skip
 
     def diagnose(self, run_dir: Path, data: Path):
