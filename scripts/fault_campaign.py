@@ -197,7 +197,75 @@ class Train(Scenario):
         return run_digest(work / "run")
 
 
-SCENARIOS = [Collect, Encode, Train]
+def _hydra_list(items: list[str]) -> str:
+    """A Python list of strings as one Hydra override value (each item quoted: they hold '=')."""
+    return "[" + ",".join("'" + i + "'" for i in items) + "]"
+
+
+STUDY_PLAN = ["n_evals=2", "goal_H=2", "max_steps=6", "planner.samples=6", "planner.topk=2",
+              "planner.opt_steps=2", "n_videos=0"]  # fmt: skip
+STUDY_TRAIN = [a for a in TRAIN if not a.startswith(("encoder", "progress", "device", "training.epochs"))]
+
+
+class Study(Scenario):
+    """A two-cell study (pixels x 1 seed, random baseline) over the clean dataset, merged and reported."""
+
+    name = "study"
+
+    def prepare(self, work):
+        shutil.copytree(self.root / "clean" / "d.zarr", work / "d.zarr")
+
+    def args(self, work):
+        return [
+            "study", f"data={work / 'd.zarr'}", f"study_dir={work / 'study'}", "img_size=24",
+            "collect.n_episodes=6", "encoders=[pixels]", "seeds=[0]", "planners=[mpc_cem]",
+            "baselines=[random]", "device=cpu", "progress=false",
+            "+encoder_overrides.pixels=['encoder.input_size=24','encoder.patch_size=8']",
+            f"train={_hydra_list([*STUDY_TRAIN, 'training.epochs=2'])}", f"plan={_hydra_list(STUDY_PLAN)}",
+            "diagnostics.n_frames=40", "diagnostics.n_pairs=10", "diagnostics.horizons=2",
+        ]  # fmt: skip
+
+    def digest(self, work):
+        """The merged per-episode results, without wall-clock fields (a kill changes only those)."""
+        rows = []
+        for line in (work / "study" / "results" / "episodes.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            rows.append({k: v for k, v in row.items() if "time" not in k and "second" not in k})
+        return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+
+WM_SMOKE = [
+    "wm_env=dodge", "preset=tiny", "progress=false", "workers=1", "collect.n_episodes=4",
+    "collect.max_steps=30", "vae.z_dim=4", "vae.channels=[4,8,8,8]", "vae.steps=3", "vae.batch_size=8",
+    "rnn.hidden=8", "rnn.seq_len=10", "rnn.batch_size=4", "rnn.steps=3", "controller.popsize=4",
+    "controller.rollouts=2", "controller.generations=6", "controller.eval_rollouts=2",
+    "controller.max_steps=30",
+]  # fmt: skip
+
+
+class CMAES(Scenario):
+    """CMA-ES in M's dream (``worldmodels train-controller``) on dodge; V and M come prepared."""
+
+    name = "cmaes"
+
+    def prepare(self, work):
+        shutil.copytree(self.root / "clean" / "wm", work / "wm")
+
+    def args(self, work):
+        return ["worldmodels", "train-controller", f"root={work / 'wm'}", *WM_SMOKE]
+
+    def digest(self, work):
+        """Every generation's fitness, the final mean and the best parameters (not the seconds)."""
+        from safetensors.numpy import load_file
+
+        state = load_file(str(next((work / "wm").glob("controller_*/cmaes.safetensors"))))
+        h = hashlib.sha256()
+        for name in ("fitness", "mean", "best_params", "best_score", "evals"):
+            h.update(state[name].tobytes())
+        return {"state": h.hexdigest()[:16], "generations": int(state["fitness"].shape[0])}
+
+
+SCENARIOS = [Collect, Encode, Train, Study, CMAES]
 
 
 def fresh(root: Path, label: str) -> Path:
@@ -419,6 +487,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["kill", "corrupt", "concurrent"], action="append")
+    parser.add_argument("--verbs", help="comma-separated scenario names (default: all)")
     args = parser.parse_args()
     root = Path(args.out)
     rng = random.Random(args.seed)
@@ -435,7 +504,14 @@ def main() -> None:
         done = wmlab(cmd)
         if done.returncode != 0:
             raise SystemExit(f"setup {cmd[0]} failed:\n{done.stderr}")
+    for stage in ("collect", "train-vae", "train-rnn"):  # V and M for the CMA-ES scenario
+        done = wmlab(["worldmodels", stage, f"root={root / 'clean' / 'wm'}", *WM_SMOKE])
+        if done.returncode != 0:
+            raise SystemExit(f"setup worldmodels {stage} failed:\n{done.stderr}")
     only = set(args.only or ["kill", "corrupt", "concurrent"])
+    if args.verbs:
+        wanted = set(args.verbs.split(","))
+        SCENARIOS[:] = [c for c in SCENARIOS if c.name in wanted]
     cases = []
     if "kill" in only or "concurrent" in only:
         cases += kill_campaign(root, args.quick, rng)

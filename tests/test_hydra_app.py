@@ -186,3 +186,16 @@ def test_non_finite_losses_are_one_line_user_errors(capsys):
         == "wmlab worldmodels train-vae: error: VAE loss became nan at step 3; lower lr= and re-run\n"
     )
     assert issubclass(NonFiniteError, FloatingPointError)  # callers catching FloatingPointError still do
+
+
+def test_keys_of_free_form_mappings_can_be_added(capsys):
+    """encoder_overrides / encoder_names are empty mappings whose keys the user names."""
+    assert main(["study", "+encoder_overrides.pixels=['encoder.patch_size=8']", "+encoder_names.px=pixels",
+                 "--cfg", "job"]) == 0  # fmt: skip
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["encoder_overrides"] == {"pixels": ["encoder.patch_size=8"]} and cfg["encoder_names"] == {
+        "px": "pixels"
+    }
+    assert (
+        main(["study", "+encoder_overridez.pixels=1"]) == 2
+    )  # a typo of the mapping itself is still refused

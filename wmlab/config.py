@@ -116,6 +116,8 @@ def check_overrides(name: str, overrides: Iterable[str]) -> None:
                     f"'{override.input_line}': '{key}' is already a setting of '{config_name(name)}'; "
                     f"give it without '+': {key}={value}"
                 )
+            if _under_free_form_mapping(name, key):
+                continue  # e.g. +encoder_overrides.pixels=[...]: a mapping whose keys are the user's
             hint = suggest_keys(name, [key])
             raise ConfigError(
                 f"'{override.input_line}' adds '{key}', which is not a setting of "
@@ -127,6 +129,23 @@ def check_overrides(name: str, overrides: Iterable[str]) -> None:
                 f"'{override.input_line}' removes '{key}', which '{config_name(name)}' reads; "
                 f"set it instead ({key}=<value>, or {key}=null where the setting allows it)"
             )
+
+
+def _under_free_form_mapping(name: str, key: str) -> bool:
+    """True when ``key``'s parent is a mapping that is empty by default (``encoder_overrides: {}``,
+    ``encoder_names: {}``): its keys are the user's to choose, and the code reads whatever is there."""
+    parent, _, _ = key.rpartition(".")
+    if not parent:
+        return False
+    try:
+        node = OmegaConf.to_container(compose(name, []), resolve=False)
+    except Exception:
+        return False
+    for part in parent.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, dict) and not node
 
 
 def _default_keys(name: str) -> list[str]:
