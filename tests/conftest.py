@@ -30,3 +30,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hydra_records_outside_the_repository(tmp_path_factory):
+    """Verbs run as Hydra apps write their .hydra records under WMLAB_HYDRA_DIR (default ./outputs/hydra):
+    keep every test's records in a session tmp dir, never in the checkout (subprocesses inherit it)."""
+    import os
+
+    previous = os.environ.get("WMLAB_HYDRA_DIR")
+    os.environ["WMLAB_HYDRA_DIR"] = str(tmp_path_factory.mktemp("hydra_records"))
+    yield
+    if previous is None:
+        os.environ.pop("WMLAB_HYDRA_DIR", None)
+    else:
+        os.environ["WMLAB_HYDRA_DIR"] = previous
