@@ -321,7 +321,26 @@ def kill_case(scenario: Scenario, root: Path, base, label: str, how: str, when) 
         case.update(outcome="wrong", message=f"{type(err).__name__}: {err}")
         return case
     case["outcome"] = scenario.classify(base, got)
+    if case["outcome"] != "exact":
+        case["difference"] = first_difference(base, got)
     return case
+
+
+def first_difference(base, got, where: str = "") -> str:
+    """Where two digests first differ, as a short path (for the cases file)."""
+    if isinstance(base, str) and isinstance(got, str) and base.startswith("{") and got.startswith("{"):
+        base, got = json.loads(base), json.loads(got)
+    if isinstance(base, dict) and isinstance(got, dict):
+        for key in sorted(set(base) | set(got), key=str):
+            if base.get(key) != got.get(key):
+                return first_difference(base.get(key), got.get(key), f"{where}.{key}")
+    if isinstance(base, list) and isinstance(got, list):
+        if len(base) != len(got):
+            return f"{where}: {len(base)} vs {len(got)} entries"
+        for i, (a, b) in enumerate(zip(base, got)):
+            if a != b:
+                return first_difference(a, b, f"{where}[{i}]")
+    return short(f"{where}: {base!r} vs {got!r}", 240)
 
 
 def kill_campaign(root: Path, quick: bool, rng: random.Random) -> list[dict]:
