@@ -209,7 +209,7 @@ def commit_checkpoint(
     *,
     progress: int,
     exports: dict | None = None,
-    rng: bool = False,
+    rng: bool | dict[str, torch.Tensor] = False,
 ) -> dict:
     """Write the whole training state as ONE safetensors file, atomically; then write its exports.
 
@@ -221,7 +221,10 @@ def commit_checkpoint(
         progress: a number that grows with training (optimizer steps): orders checkpoints and exports.
         exports: where the exports go, paths relative to ``path.parent``:
             ``{"weights": "../model.safetensors", "weights_metadata": {...}, "json": "../metadata.json"}``.
-        rng: also store the torch CPU RNG state (restored by ``load_checkpoint(..., rng=True)``).
+        rng: also store RNG state (restored by ``load_checkpoint(..., rng=True)``): True = this
+            process's ``rng_state()`` (CPU generator, and the current CUDA device's when CUDA is in
+            use); or a dict ``{name: ByteTensor}`` stored as ``rng.<name>`` (a DDP job stores every
+            rank's: ``torch``, ``cuda`` for rank 0, ``rank<r>.torch``, ``rank<r>.cuda`` for the others).
     Returns:
         the tag ``{"checkpoint_sha256", "checkpoint_progress"}`` stamped on the exports.
     Raises:
@@ -233,7 +236,8 @@ def commit_checkpoint(
     tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
     tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
     if rng:
-        tensors["rng.torch"] = torch.get_rng_state()
+        states = rng_state() if rng is True else rng
+        tensors.update({f"rng.{name}": state for name, state in states.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -303,8 +307,36 @@ def read_checkpoint(path: Path) -> dict | None:
     }
 
 
-def load_checkpoint(path: Path, module: torch.nn.Module, optimizer=None, *, rng: bool = False) -> dict:
-    """Restore module (+ optimizer, + RNG) from a one-file checkpoint; returns its JSON state."""
+def rng_state(device=None) -> dict[str, torch.Tensor]:
+    """This process's RNG state: ``{"torch": CPU generator[, "cuda": CUDA generator of device]}``.
+
+    device: the CUDA device whose generator is saved (default: the current one, if CUDA has been
+    initialised; a CPU run saves none)."""
+    states = {"torch": torch.get_rng_state()}
+    if device is not None and torch.device(device).type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    elif device is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_state(states: dict[str, torch.Tensor], device=None) -> None:
+    """Set the generators saved by ``rng_state`` (a ``cuda`` state only where CUDA is available)."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        cuda = torch.device(device) if device is not None and torch.device(device).type == "cuda" else None
+        torch.cuda.set_rng_state(states["cuda"], cuda if cuda is not None else "cuda")
+
+
+def load_checkpoint(
+    path: Path, module: torch.nn.Module, optimizer=None, *, rng: bool | str = False, device=None
+) -> dict:
+    """Restore module (+ optimizer, + RNG) from a one-file checkpoint; returns its JSON state.
+
+    rng: True restores ``rng.torch`` / ``rng.cuda``; a prefix such as ``"rank1."`` restores
+    ``rng.rank1.torch`` / ``rng.rank1.cuda`` (a DDP rank's own streams; absent ones are left as they are).
+    device: the CUDA device whose generator gets the saved CUDA state."""
     header = read_checkpoint(path)
     if header is None:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
@@ -313,8 +345,11 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer=None, *, rng:
     if optimizer is not None:
         opt = {k[len("opt.") :]: v for k, v in tensors.items() if k.startswith("opt.")}
         optimizer_from_tensors(optimizer, opt, header["optimizer"])
-    if rng and "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
+    if rng:
+        prefix = "rng." + ("" if rng is True else str(rng))
+        restore_rng_state(
+            {name: tensors[prefix + name] for name in ("torch", "cuda") if prefix + name in tensors}, device
+        )
     return header["state"]
 
 

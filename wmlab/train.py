@@ -28,6 +28,7 @@ from wmlab.data.windows import WindowDataset, WindowSpec, make_datasets
 from wmlab.encoders import make_encoder
 from wmlab.integrity import UserError, WriterLock, clean_partials, key_differences
 from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
+from wmlab.precision import block_shapes, precision_context, resolve_precision
 from wmlab.runs import (
     RUN_CHECKPOINT,
     VOLATILE_CONFIG_KEYS,
@@ -42,10 +43,12 @@ from wmlab.runs import (
     read_checkpoint,
     read_config,
     read_json,
+    rng_state,
     sync_exports,
     versions,
     write_config,
 )
+from wmlab.training_input import BatchPlan, FiniteWatch, device_batches, window_loader
 
 
 class TrainingError(UserError, RuntimeError):
@@ -124,25 +127,21 @@ def model_config(cfg: dict, encoder, store: TrajectoryStore) -> WorldModelConfig
     )
 
 
-def make_optimizer(model: LatentWorldModel, tcfg: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: LatentWorldModel, tcfg: dict, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW with the predictor's and the embeddings' learning rates (x ``lr_scale``: see ``lr_scale``)."""
     embeddings = {id(p) for m in (model.action_encoder, model.proprio_encoder) for p in m.parameters()}
     # Everything but the embeddings learns at the predictor's rate (the predictor, the delta head).
     groups = [
         {
             "params": [p for p in model.parameters() if id(p) not in embeddings],
-            "lr": float(tcfg["predictor_lr"]),
+            "lr": float(tcfg["predictor_lr"]) * lr_scale,
         },
         {
             "params": [*model.action_encoder.parameters(), *model.proprio_encoder.parameters()],
-            "lr": float(tcfg["action_encoder_lr"]),
+            "lr": float(tcfg["action_encoder_lr"]) * lr_scale,
         },
     ]
     return torch.optim.AdamW(groups, weight_decay=float(tcfg.get("weight_decay", 0.01)))
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 def _distributed() -> tuple[int, int]:
@@ -156,13 +155,66 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s dropout/noise streams in a DDP job: (seed, rank) mixed by numpy's
+    SeedSequence, so ranks draw different masks. The data order does not use it (``epoch_batches``)."""
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def lr_scale(scaling: str, world: int) -> float:
+    """The learning-rate factor of ``training.lr_scaling``: none = 1; linear = the world size (the
+    global batch is ``batch_size`` x world, Goyal et al. 2017's linear scaling rule)."""
+    return float(world) if scaling == "linear" else 1.0
+
+
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int, limit=None):
-    """This rank's index batches of one epoch: a seeded permutation, split across ranks."""
+    """This rank's index batches of one epoch: a permutation seeded by (seed, epoch) only, split across ranks.
+
+    With ``world`` > 1 the last ``n % world`` windows of the permutation are dropped (torch's
+    DistributedSampler with drop_last=True), so every rank gets ``n // world`` windows and the same
+    number of batches (an unequal count would leave one rank waiting in an all-reduce forever). Rank r
+    takes every world-th window from r, so step k of the job trains on windows
+    ``order[k * world * batch_size : (k + 1) * world * batch_size]`` across the ranks: the same batch as
+    one process with batch ``world * batch_size`` (the dropped windows aside).
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=generator).numpy()
-    order = order[rank::world]
+    if world > 1:
+        order = order[: n - n % world][rank::world]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return batches[:limit] if limit else batches
+
+
+def _all_reduce(values: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    """``values`` combined over the DDP ranks (mean, sum or max); unchanged in a single process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    out = values.clone()
+    reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+    torch.distributed.all_reduce(out, op=reduce_op)
+    return out / torch.distributed.get_world_size() if op == "mean" else out
+
+
+def replica_difference(model: torch.nn.Module) -> float:
+    """The largest |difference| between the DDP ranks' copies of any parameter (0.0 = bitwise equal)."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])  # (P,)
+    high, low = _all_reduce(flat, "max"), -_all_reduce(-flat, "max")
+    return float((high - low).max())
+
+
+def _gather_rng(rank: int, world: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """Every rank's RNG state on rank 0 (``runs.commit_checkpoint``'s ``rng`` dict), None elsewhere."""
+    mine = rng_state(device if device.type == "cuda" else "cpu")
+    if world == 1:
+        return mine
+    gathered = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(mine, gathered, dst=0)
+    if rank != 0:
+        return None
+    out = dict(gathered[0])
+    for r, states in enumerate(gathered[1:], start=1):
+        out.update({f"rank{r}.{name}": state for name, state in states.items()})
+    return out
 
 
 def _batch_to(batch: dict, device) -> dict:
@@ -259,6 +311,7 @@ VALUE_CHECKS = {
     "training.max_steps_per_epoch": _int_at_least(1, optional=True),
     "training.val_batches": _int_at_least(1, optional=True),
     "training.rollout_eval_steps": _int_at_least(0),
+    "training.prefetch": _int_at_least(1),
     "frameskip": _int_at_least(1),
     "num_hist": _int_at_least(1),
     "num_pred": _int_at_least(1),
@@ -279,9 +332,24 @@ def validate_config(cfg: dict) -> None:
     ratio = _lookup(cfg, "split_ratio")
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
         raise UserError(f"split_ratio={ratio!r} is not valid: it must be a number in (0, 1].")
-    precision = cfg.get("training", {}).get("precision") or "auto"
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"training.precision={precision!r} is not valid: it must be one of auto, fp32, bf16.")
+    tcfg = cfg.get("training", {})
+    choices = {
+        "precision": ("auto", "fp32", "bf16", "tf32"),
+        "lr_scaling": ("none", "linear"),
+    }
+    for key, valid in choices.items():
+        value = tcfg.get(key) or valid[0]
+        if value not in valid:
+            raise UserError(f"training.{key}={value!r} is not valid: it must be one of {', '.join(valid)}.")
+    workers = tcfg.get("workers", "auto")
+    if workers != "auto" and not _int_at_least(0)[0](workers):
+        raise UserError(f"training.workers={workers!r} is not valid: it must be auto or an integer >= 0.")
+    compile_ = tcfg.get("compile", False)
+    if not isinstance(compile_, (bool, str)) or compile_ == "":
+        raise UserError(
+            f"training.compile={compile_!r} is not valid: it must be false, true or a torch.compile "
+            "backend name (inductor, aot_eager, eager)."
+        )
 
 
 # ---------------------------------------------------------------- what may change on resume
@@ -291,7 +359,15 @@ def validate_config(cfg: dict) -> None:
 RESUME_APPLIED = {
     "training.epochs", "training.predictor_lr", "training.action_encoder_lr", "training.weight_decay",
     "training.grad_clip", "training.val_batches", "training.rollout_eval_steps", "training.precision",
+    "training.lr_scaling", "training.workers", "training.prefetch", "training.compile",
 }  # fmt: skip
+# Keys added after runs were saved without them: absent in a saved config = this default (no change).
+ADDED_KEY_DEFAULTS = {
+    "training.lr_scaling": "none",
+    "training.workers": "auto",
+    "training.prefetch": 4,
+    "training.compile": False,
+}
 
 
 def _flatten(cfg, prefix: str = "") -> dict:
@@ -312,18 +388,18 @@ def config_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     b = _flatten({k: v for k, v in now.items() if k not in VOLATILE_CONFIG_KEYS})
     applied, refused = [], []
     for key in sorted(set(a) | set(b)):
-        old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        old, new = a.get(key, ADDED_KEY_DEFAULTS.get(key, "<absent>")), b.get(key, "<absent>")
         if old != new:
             (applied if key in RESUME_APPLIED else refused).append(f"{key}: {old!r} -> {new!r}")
     return applied, refused
 
 
-def optimizer_settings(tcfg: dict) -> list[dict]:
+def optimizer_settings(tcfg: dict, lr_scale: float = 1.0) -> list[dict]:
     """The per-group settings of ``make_optimizer`` (predictor group, embedding group)."""
     wd = float(tcfg.get("weight_decay", 0.01))
     return [
-        {"lr": float(tcfg["predictor_lr"]), "weight_decay": wd},
-        {"lr": float(tcfg["action_encoder_lr"]), "weight_decay": wd},
+        {"lr": float(tcfg["predictor_lr"]) * lr_scale, "weight_decay": wd},
+        {"lr": float(tcfg["action_encoder_lr"]) * lr_scale, "weight_decay": wd},
     ]
 
 
@@ -399,8 +475,15 @@ def _train(cfg: dict, rank: int, world: int) -> Path:
 
     mcfg = model_config(cfg, encoder, store)
     model = LatentWorldModel(mcfg).to(device)
-    optimizer = make_optimizer(model, tcfg)
-    epochs = int(tcfg["epochs"])
+    scale = lr_scale(tcfg.get("lr_scaling") or "none", world)
+    optimizer = make_optimizer(model, tcfg, scale)
+    epochs, batch_size = int(tcfg["epochs"]), int(tcfg["batch_size"])
+    if world > 1 and len(train_set) // world == 0:
+        raise TrainingError(
+            f"{len(train_set)} training windows cannot be shared by {world} ranks; use fewer ranks or "
+            "more data"
+        )
+    workers = input_workers(tcfg.get("workers", "auto"), device)
     metadata = jsonable(
         {
             "encoder": encoder.info.__dict__,
@@ -413,62 +496,110 @@ def _train(cfg: dict, rank: int, world: int) -> Path:
             "model": mcfg.to_dict(),
             "versions": versions(),
             "windows": {"train": len(train_set), "val": len(val_set) if val_set else 0},
+            "input": {"workers": workers, "prefetch": int(tcfg.get("prefetch", 4)),
+                      "pin_memory": device.type == "cuda", "compile": tcfg.get("compile", False)},
+            "distributed": {
+                "world_size": world, "batch_size_per_rank": batch_size,
+                "global_batch_size": batch_size * world, "lr_scaling": tcfg.get("lr_scaling") or "none",
+                "lr_scale": scale, "shards": "epoch permutation minus its last n % world windows, strided",
+            },
         }
-    )  # JSON types, so a resumed run compares equal to what it wrote
+    )  # fmt: skip  # JSON types, so a resumed run compares equal to what it wrote
     progress = {"epoch": 0, "global_step": 0, "history": [], "config_changes": []}
+    saved_precision = None
     if resuming:
-        progress = _resume(run_dir, cfg, model, optimizer, metadata, write=rank == 0)
+        progress = _resume(run_dir, cfg, model, optimizer, metadata, write=rank == 0, lr_scale=scale,
+                           rank=rank, world=world, device=device)  # fmt: skip
+        saved_precision = progress.pop("saved_precision", None)
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir / "config.yaml", cfg)
         stats.save(run_dir / "normalization.json")
     start_epoch, global_step = progress["epoch"], progress["global_step"]
+    if start_epoch < epochs:
+        metadata["precision"] = _training_precision(
+            tcfg.get("precision") or "auto", model, train_set, tokens, device, saved_precision, rank, world
+        )
+    else:
+        metadata["precision"] = saved_precision
+    chosen = (metadata["precision"] or {}).get("chosen", "fp32")
+    if world > 1 and not resuming:
+        # Every rank built the same initial model (same seed); dropout/noise now differ per rank.
+        torch.manual_seed(rank_seed(int(tcfg["seed"]), rank))
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.index else None
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    forward = ddp_model
+    if tcfg.get("compile", False):
+        backend = "inductor" if tcfg["compile"] is True else str(tcfg["compile"])
+        forward = torch.compile(ddp_model, backend=backend)
 
     writer = _tensorboard(run_dir) if rank == 0 and start_epoch < epochs else None
     last_good = progress["history"][-1] if progress["history"] else None
     from tqdm.auto import tqdm
 
+    plan = BatchPlan()
+    loader = window_loader(
+        train_set, plan, workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=int(tcfg.get("prefetch", 4)), persistent_workers=workers > 0,
+    )  # fmt: skip
+    reduce = _all_reduce if world > 1 else None
     for epoch in range(start_epoch, epochs):
         model.train()
-        batches = epoch_batches(
-            len(train_set), int(tcfg["batch_size"]), int(tcfg["seed"]), epoch, rank, world,
+        plan.set(epoch_batches(
+            len(train_set), batch_size, int(tcfg["seed"]), epoch, rank, world,
             tcfg.get("max_steps_per_epoch"),
-        )  # fmt: skip
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not cfg.get("progress", True) or rank)
-        started, running = time.perf_counter(), 0.0
-        for i, ids in enumerate(bar):
-            batch = _batch_to(train_set.get_batch(ids), device)
+        ))  # fmt: skip
+        first_step = global_step
+
+        def describe(step: int, value: float, epoch=epoch, first=first_step, last=last_good) -> str:
+            return (
+                f"training loss became {value} at epoch {epoch + 1}, step {step + 1} (global step "
+                f"{first + step + 1}). {_last_good_and_fix(run_dir, last, tcfg)}"
+            )
+
+        watch = FiniteWatch(FINITE_CHECK_EVERY, reduce=reduce, describe=describe, error=TrainingError)
+        bar = tqdm(total=len(plan), desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not cfg.get("progress", True) or rank)  # fmt: skip
+        started, windows = time.perf_counter(), 0
+        for batch in device_batches(loader, device):
             batch["visual"] = tokens(batch["visual"])
-            with _autocast(device, tcfg.get("precision", "auto")):
-                loss, _ = ddp_model(batch)  # forward = loss; through DDP's wrapper so gradients sync
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}, step {i + 1} (global step "
-                    f"{global_step + 1}). {_last_good_and_fix(run_dir, last_good, tcfg)}"
-                )
+            windows += len(batch["visual"])
+            with precision_context(chosen, device) if chosen != "fp32" else nullcontext():
+                loss, _ = forward(batch)  # forward = loss; through DDP's wrapper so gradients sync
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with precision_context(chosen, device) if chosen == "tf32" else nullcontext():
+                loss.backward()  # (bf16 autocast covers the forward only, as torch advises)
             if tcfg.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
             optimizer.step()
             global_step += 1
-            value = loss.item()
-            running += value
-            bar.set_postfix(loss=f"{value:.4f}")
-            if writer is not None and global_step % 10 == 0:
-                writer.add_scalar("train/loss", value, global_step)
+            watch.add(loss)  # read back (one sync) every FINITE_CHECK_EVERY steps
+            _log_steps(watch, writer, bar, first_step)
+            bar.update(1)
+        watch.check()
+        _log_steps(watch, writer, bar, first_step)
+        bar.close()
+        seconds = time.perf_counter() - started
+        # Global figures: windows summed over the ranks, in the slowest rank's time.
+        windows = float(_all_reduce(torch.tensor([float(windows)]), "sum")[0])
+        seconds = float(_all_reduce(torch.tensor([seconds]), "max")[0])
+        difference = replica_difference(model) if world > 1 else None
+        rng = _gather_rng(rank, world, device)
         if rank != 0:
             continue
-        seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "train_loss": running / max(len(batches), 1), "epoch_seconds": seconds}
-        metrics["train_windows_per_second"] = len(batches) * int(tcfg["batch_size"]) / max(seconds, 1e-9)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(watch.values)) if watch.values else 0.0,  # global, all ranks
+            "epoch_seconds": seconds,
+            "train_windows_per_second": windows / max(seconds, 1e-9),
+        }
+        if difference is not None:
+            metrics["replica_max_abs_difference"] = difference
         if val_set is not None:
-            val = evaluate(model, val_set, tokens, int(tcfg["batch_size"]), device, tcfg.get("val_batches"))
+            val = evaluate(model, val_set, tokens, batch_size, device, tcfg.get("val_batches"))
             metrics.update({f"val_{k}": v for k, v in val.items()})
             metrics.update(rollout_errors(model, rollout_set, tokens, horizon, device))
         problem = checkpoint_problem(model, metrics)
@@ -485,12 +616,85 @@ def _train(cfg: dict, rank: int, world: int) -> Path:
                     epoch + 1,
                 )
         progress["history"] = [h for h in progress["history"] if h.get("epoch", 0) < epoch + 1] + [metrics]
-        progress.update(epoch=epoch + 1, global_step=global_step)
-        _save(run_dir, cfg, model, optimizer, metadata, progress)
+        progress.update(epoch=epoch + 1, global_step=global_step, world_size=world)
+        _save(run_dir, cfg, model, optimizer, metadata, progress, rng)
         last_good = metrics
     if writer is not None:
         writer.close()
+    if world > 1:
+        torch.distributed.barrier()  # the job ends when rank 0 has saved, not when a rank runs out of work
     return run_dir
+
+
+#: Losses are read back from the device (one host sync) once per this many steps, and at epoch end.
+FINITE_CHECK_EVERY = 50
+#: Reader processes per GPU for ``training.workers=auto`` on CUDA (capped by the CPU cores per rank).
+CUDA_WORKERS = 4
+
+
+def input_workers(setting, device: torch.device) -> int:
+    """DataLoader workers for ``training.workers``: an integer as given; auto = 0 on CPU (there the
+    readers compete with the model for the same cores: measured no faster, see the README) and
+    ``CUDA_WORKERS`` on CUDA, at most the CPU cores a rank has."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(0, min(CUDA_WORKERS, per_rank - 1))
+
+
+def _log_steps(watch: FiniteWatch, writer, bar, first_step: int) -> None:
+    """Log the losses read back since the last call (TensorBoard every 10th global step, the bar's last)."""
+    logged = getattr(watch, "_logged", 0)
+    if logged == len(watch.values):
+        return
+    for i in range(logged, len(watch.values)):
+        step = first_step + i + 1
+        if writer is not None and step % 10 == 0:
+            writer.add_scalar("train/loss", watch.values[i], step)
+    watch._logged = len(watch.values)
+    bar.set_postfix(loss=f"{watch.values[-1]:.4f}")
+
+
+def _training_precision(requested, model, train_set, tokens, device, saved, rank, world) -> dict:
+    """``training.precision`` resolved with its evidence (``wmlab.precision.resolve_precision``).
+
+    auto: a micro-benchmark of the model's shapes, then (for a faster precision) a probe: the losses
+    of 2 x 8 fixed training windows under fp32 and the lower precision must rank the windows alike
+    and agree within the tolerance. A resumed run keeps the choice it started with (so it continues
+    bit for bit) unless ``training.precision`` itself changed. Rank 0 decides; the ranks share it."""
+    if saved is not None and saved.get("requested") == requested:
+        return saved
+    info = None
+    if rank == 0:
+        if requested == "auto":
+            ids = np.linspace(0, len(train_set) - 1, num=min(16, len(train_set))).astype(int)
+            ids = ids[: len(ids) // 2 * 2] if len(ids) >= 4 else np.resize(ids, 4)
+            windows = {k: torch.as_tensor(v).to(device) for k, v in train_set.get_batch(ids).items()}
+            windows["visual"] = tokens(windows["visual"])
+
+            @torch.no_grad()
+            def probe(precision: str) -> torch.Tensor:
+                was_training = model.training
+                model.eval()  # no dropout: the probe is deterministic and draws no RNG
+                try:
+                    with precision_context(precision, device):
+                        losses = [float(model.loss({k: v[i : i + 1] for k, v in windows.items()})[0])
+                                  for i in range(len(ids))]  # fmt: skip
+                finally:
+                    model.train(was_training)
+                return torch.tensor(losses).reshape(2, -1)  # (2 groups, K windows)
+
+            info = resolve_precision("auto", device, shapes=block_shapes(model.cfg), probe=probe)
+            info["probe"] = "per-window training loss of 2 x K fixed training windows at initialisation"
+        else:
+            info = resolve_precision(requested, device)
+    if world > 1:
+        shared = [info]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        info = shared[0]
+    return jsonable(info)
 
 
 def checkpoint_problem(model: torch.nn.Module, metrics: dict) -> str | None:
@@ -541,7 +745,7 @@ def _forget_run(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _save(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, progress: dict) -> None:
+def _save(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, progress: dict, rng=True) -> None:
     """Commit epoch ``progress["epoch"]`` as one checkpoint file, then export ``model.safetensors`` and
     ``metadata.json`` from it (tagged with its sha256; ``runs.sync_exports`` repairs a lagging one)."""
     record = {**metadata, **progress, "config": cfg}
@@ -551,12 +755,23 @@ def _save(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, progress: 
         "json": "../metadata.json",
     }
     ckpt = run_dir / RUN_CHECKPOINT
-    commit_checkpoint(ckpt, model, optimizer, record, progress=progress["epoch"], exports=exports, rng=True)
+    commit_checkpoint(ckpt, model, optimizer, record, progress=progress["epoch"], exports=exports, rng=rng)
     for name in LEGACY_CHECKPOINT_FILES:  # superseded by the one-file checkpoint just committed
         (ckpt.parent / name).unlink(missing_ok=True)
 
 
-def _resume(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, write: bool) -> dict:
+def _resume(
+    run_dir: Path,
+    cfg: dict,
+    model,
+    optimizer,
+    metadata: dict,
+    write: bool,
+    lr_scale: float = 1.0,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+) -> dict:
     """Load the run's checkpoint into model/optimizer/RNG; returns its progress (epoch, global_step,
     history, config_changes). Refuses another encoder, model, dataset or config; applies (and records)
     the settings of ``RESUME_APPLIED``, the optimizer ones over those saved in the checkpoint."""
@@ -598,13 +813,21 @@ def _resume(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, write: b
             "model_name."
         )
     if header is not None:
-        load_checkpoint(ckpt, model, optimizer, rng=True)
+        # Each rank continues its own streams; a rank the checkpoint has none for (the job grew) or a
+        # job that was a single process before gets a fresh per-rank seed.
+        rank_rng = (world == 1 or int(state.get("world_size", 1)) == world) and (
+            rank == 0 or f"rng.rank{rank}.torch" in _tensor_names(ckpt)
+        )
+        streams = (True if rank == 0 else f"rank{rank}.") if rank_rng else False
+        load_checkpoint(ckpt, model, optimizer, rng=streams, device=device)
+        if not rank_rng:
+            torch.manual_seed(rank_seed(int(cfg["training"]["seed"]) + epoch, rank))
     else:
         model.load_state_dict(load_tensors(run_dir / "checkpoint" / "model.safetensors"))
         opt_tensors = load_tensors(run_dir / "checkpoint" / "optimizer.safetensors")
         torch.set_rng_state(opt_tensors.pop("rng.torch"))
         optimizer_from_tensors(optimizer, opt_tensors, state["optimizer"])
-    apply_optimizer_settings(optimizer, optimizer_settings(cfg["training"]))
+    apply_optimizer_settings(optimizer, optimizer_settings(cfg["training"], lr_scale))
     changes = list(state.get("config_changes", []))
     if applied and epoch < epochs:
         changes.append({"epoch": epoch, "global_step": int(state["global_step"]), "changes": applied,
@@ -616,7 +839,15 @@ def _resume(run_dir: Path, cfg: dict, model, optimizer, metadata: dict, write: b
         "global_step": int(state["global_step"]),
         "history": list(state.get("history", [])),
         "config_changes": changes,
+        "saved_precision": saved.get("precision"),
     }
+
+
+def _tensor_names(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
 
 
 def load_run(run_dir: str | Path, device="cpu") -> tuple[LatentWorldModel, dict]:
