@@ -26,6 +26,7 @@ the same cell is refused with who holds it) and a half-finished cell is recomput
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -47,13 +48,16 @@ from wmlab.integrity import (
     sha256_file,
     write_key,
 )
-from wmlab.planning.mpc import EpisodeOutcome, Observation, Protocol, run_mpc
+from wmlab.planning.mpc import UNBOUNDED_CAP, EpisodeOutcome, Observation, Protocol, run_mpc
 from wmlab.report.study_report import wilson_interval
 
 GOAL_SOURCES = ("random_state", "dset")
+#: Policies that need no world model (floor and ceiling); they may run under a model planner's protocol.
+BASELINES = ("random", "oracle")
 #: Version of a plan cell's layout and meaning (key.json, results.jsonl, summary.json, videos/).
 #: Bump it when evaluation changes what the same settings produce: old cells then get new keys.
-PLAN_FORMAT = 2
+#: 3: rows carry the budget-curve fields (dist_trace, obs_steps, first_reached_step, ...).
+PLAN_FORMAT = 3
 DEFAULT_PLANS_DIR = Path("outputs") / "plans"
 
 
@@ -75,10 +79,16 @@ class EpisodeBatch:
         if self.starts.shape != self.goals.shape or self.starts.ndim != 2:
             raise ValueError(f"starts {self.starts.shape} and goals {self.goals.shape} must both be (B, S)")
         self.physics, self.frames = [], []
+        # Where the policy observed each episode: env step and xy position of every observation,
+        # starting with the start state at step 0 (``dist_trace`` and ``obs_steps`` of the rows).
+        self.obs_steps: list[list[int]] = []
+        self.obs_xy: list[list[np.ndarray]] = []
         for start in self.starts:
             env.reset(options={"state": start})
             self.physics.append(env.get_physics())
             self.frames.append(env.render())
+            self.obs_steps.append([0])
+            self.obs_xy.append([np.array(env.state[:2], dtype=np.float64)])
         self.videos = {int(i): [self.frames[int(i)]] for i in record if int(i) < len(self)}
         self._goal_frames = None
 
@@ -116,9 +126,33 @@ class EpisodeBatch:
                 self.videos[i].append(self.env.render())
         self.physics[i] = self.env.get_physics()
         self.frames[i] = self.videos[i][-1] if i in self.videos else self.env.render()
+        # run_mpc executes one plan's actions per call and observes after it: one grid point per call
+        self.obs_steps[i].append(self.obs_steps[i][-1] + len(actions))
+        self.obs_xy[i].append(np.array(self.env.state[:2], dtype=np.float64))
 
     def success(self, i: int) -> bool:
         return bool(self.env.evaluate(self.goals[i], self.state(i))["success"])
+
+    @property
+    def distance_kind(self) -> str:
+        """``geodesic`` (shortest path in the maze, ``wmlab.envs.geodesic``, the oracle's cost) when the
+        env is a maze, else ``xy`` (straight-line distance; recorded in every row as ``dist_kind``)."""
+        return "geodesic" if getattr(self.env, "layout", None) is not None else "xy"
+
+    def distance_traces(self) -> list[np.ndarray]:
+        """Each episode's distance to its goal at every observation (``obs_steps``): float (K_i,).
+
+        One vectorised geodesic call over all observations of all episodes (the visibility graph is
+        built once per maze layout). A point the geodesic cannot measure (a goal set inside a wall: no
+        path leads there) gets NaN, which the report leaves out of distance statistics."""
+        counts = [len(xy) for xy in self.obs_xy]
+        xy = np.concatenate([np.stack(p) for p in self.obs_xy])  # (sum K_i, 2)
+        goal_xy = np.repeat(self.goals[:, :2], counts, axis=0)  # (sum K_i, 2)
+        if self.distance_kind == "geodesic":
+            dist = _geodesic_or_nan(self.env.layout, xy, goal_xy)
+        else:
+            dist = np.linalg.norm(xy - goal_xy, axis=1)
+        return np.split(np.asarray(dist, dtype=np.float64), np.cumsum(counts)[:-1])
 
     def distances(self, i: int) -> dict:
         state = self.state(i)
@@ -130,6 +164,20 @@ class EpisodeBatch:
         }
 
 
+def _geodesic_or_nan(maze, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``geodesic_distance`` of points a, b (M, 2) -> (M,), NaN where a point lies inside a wall."""
+    from wmlab.envs.geodesic import geodesic_distance
+
+    try:
+        return geodesic_distance(maze, a, b)
+    except ValueError:  # some point is in a wall: measure one by one, the others keep their distance
+        out = np.full(len(a), np.nan)
+        for j in range(len(a)):
+            with contextlib.suppress(ValueError):
+                out[j] = geodesic_distance(maze, a[j : j + 1], b[j : j + 1])[0]
+        return out
+
+
 # ---------------------------------------------------------------- start / goal pairs
 def random_state_pairs(env, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """DINO-WM's ``random_state`` pairs: episode i uses ``sample_start_goal(seed * i + 1)``."""
@@ -138,19 +186,46 @@ def random_state_pairs(env, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, 
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), seeds
 
 
-def dataset_pairs(env, data, n: int, seed: int, goal_steps: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def validation_episodes(data, split_ratio: float, split_seed: int) -> np.ndarray:
+    """The episode ids a run trained with ``split_ratio`` / ``split_seed`` on ``data`` validated on.
+
+    The very split training uses (``make_datasets`` calls ``split_episodes`` on the committed
+    episodes), so ``goal_source=dset`` pairs come from episodes the world model never trained on.
+    """
+    from wmlab.data import open_dataset
+    from wmlab.data.windows import split_episodes
+
+    _, val = split_episodes(open_dataset(data).committed, float(split_ratio), int(split_seed))
+    if len(val) == 0:
+        raise PlanSettingError(
+            f"plan: goal_source=dset draws pairs from validation episodes, but split_ratio={split_ratio} "
+            f"leaves none of {data}'s episodes for validation: use a run trained with split_ratio < 1"
+        )
+    return np.sort(val)
+
+
+def dataset_pairs(
+    env, data, n: int, seed: int, goal_steps: int, episodes=None
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Goals reached by replaying ``goal_steps`` dataset actions from a dataset state (DINO-WM's ``dset``).
 
-    Episodes are drawn with ``np.random.default_rng(seed)``; the start is the recorded state at a random
-    offset and the goal is where the env ends after replaying the recorded actions from it.
+    Episodes are drawn from ``episodes`` (ids; None = all, DINO-WM draws from its validation set:
+    pass ``validation_episodes(...)``) with ``np.random.default_rng(seed)``; the start is the recorded
+    state at a random offset and the goal is where the env ends after replaying the recorded actions
+    from it. Pair ids are ``episode * 100000 + offset``.
     """
     from wmlab.data import open_dataset
 
     store = open_dataset(data)
     lengths = np.asarray(store.lengths)
-    usable = np.flatnonzero(lengths > goal_steps)
+    allowed = np.arange(len(lengths)) if episodes is None else np.asarray(episodes, dtype=np.int64)
+    usable = allowed[lengths[allowed] > goal_steps]
     if len(usable) == 0:
-        raise ValueError(f"no episode in {data} is longer than goal_H x frameskip = {goal_steps} steps")
+        which = "" if episodes is None else f"{len(allowed)} validation episodes of "
+        raise PlanSettingError(
+            f"plan: no episode of the {which}{data} is longer than goal_H x frameskip = {goal_steps} "
+            "steps: lower goal_H or collect longer episodes"
+        )
     rng = np.random.default_rng(seed)
     starts, goals, ids = [], [], []
     states, actions = store.all_states(), store.all_actions()
@@ -167,10 +242,13 @@ def dataset_pairs(env, data, n: int, seed: int, goal_steps: int) -> tuple[np.nda
 
 
 # ---------------------------------------------------------------- results
-def summarize(outcomes: list[EpisodeOutcome], protocol: Protocol, extra: dict | None = None) -> dict:
-    """Success rates with 95% Wilson intervals, mean final distance, median plan time."""
+def summarize(outcomes: list[EpisodeOutcome], protocol: Protocol, extra: dict | None = None,
+              rows: list[dict] | None = None) -> dict:  # fmt: skip
+    """Success rates with 95% Wilson intervals, mean final distances, median plan time, plans used.
+
+    rows: the episodes' ``outcome_row``s (for the final geodesic distance and iterations used)."""
     n = len(outcomes)
-    summary = {"n_episodes": n, "protocol": protocol.to_dict()}
+    summary = {"n_episodes": n, "protocol": protocol.to_dict(), "env_step_budget": env_step_budget(protocol)}
     for key in ("reached", "final"):
         k = sum(getattr(o, key) for o in outcomes)
         lo, hi = wilson_interval(k, n)
@@ -179,6 +257,19 @@ def summarize(outcomes: list[EpisodeOutcome], protocol: Protocol, extra: dict | 
     summary["mean_final_state_dist"] = (
         float(np.mean([o.final_state_dist for o in outcomes])) if n else float("nan")
     )
+    if rows:
+        summary["dist_kind"] = rows[0]["dist_kind"]
+        final = np.array([r["dist_trace"][-1] for r in rows], dtype=np.float64)
+        measured = final[np.isfinite(final)]  # a goal inside a wall has no geodesic distance (NaN)
+        geodesic = rows[0]["dist_kind"] == "geodesic" and len(measured) > 0
+        summary["mean_final_geodesic_dist"] = float(measured.mean()) if geodesic else None
+        summary["n_unmeasured_dist"] = int(len(final) - len(measured))
+        used = [r["iterations_used"] for r in rows]
+        summary["iterations_used"] = {
+            "mean": float(np.mean(used)),
+            "min": int(min(used)),
+            "max": int(max(used)),
+        }
     seconds = [s for o in outcomes for s in o.plan_seconds]
     summary["median_plan_seconds_per_episode"] = float(np.median(seconds)) if seconds else 0.0
     summary["mean_steps_used"] = float(np.mean([o.steps_used for o in outcomes])) if n else 0.0
@@ -186,19 +277,55 @@ def summarize(outcomes: list[EpisodeOutcome], protocol: Protocol, extra: dict | 
     return summary
 
 
-def outcome_row(i: int, pair_seed: int, outcome: EpisodeOutcome, protocol: Protocol) -> dict:
+def env_step_budget(protocol: Protocol) -> int:
+    """Env steps an episode may use: max_steps, or the safety cap of DINO-WM's unbounded loop."""
+    return int(protocol.max_steps) if protocol.bounded else UNBOUNDED_CAP
+
+
+def outcome_row(
+    i: int, pair_seed: int, outcome: EpisodeOutcome, protocol: Protocol, *, dist_trace=None,
+    obs_steps=None, dist_kind: str = "geodesic", for_planner: str | None = None,
+) -> dict:  # fmt: skip
+    """One episode's row of ``results.jsonl`` (the fields ``wmlab.report.analysis`` reads).
+
+    dist_trace (K,): distance to the goal at each observation, ``obs_steps`` (K,) their env steps
+    (0 = the start; then after every plan's executed actions, where success is checked).
+    ``first_reached_step`` is the first of those steps (after step 0, as in DINO-WM's loop) at which
+    the env reported success (xy distance < its success radius; the geodesic distance is >= the xy one,
+    so no observation between step 0 and it has ``dist_trace`` under the radius); None if never reached.
+    ``max_steps`` is the env-step budget the curve runs to (the cap when ``unbounded``).
+    """
+    if dist_trace is not None:
+        dist_trace = [float(d) for d in dist_trace]
+        obs_steps = [int(k) for k in obs_steps]
+        assert len(dist_trace) == len(obs_steps) and obs_steps[-1] == outcome.steps_used, (
+            f"episode {i}: {len(dist_trace)} distances for {len(obs_steps)} observations "
+            f"(last at step {obs_steps[-1]}, {outcome.steps_used} steps used)"
+        )
+        assert outcome.reached_step is None or outcome.reached_step in obs_steps, (
+            f"episode {i}: reached at step {outcome.reached_step}, not an observation step {obs_steps}"
+        )
     return {
         "episode": i,
+        "pair_seed": pair_seed,
         "start_seed": pair_seed,
         "reached": outcome.reached,
         "reached_step": outcome.reached_step,
+        "first_reached_step": outcome.reached_step,
         "final": outcome.final,
         "final_dist": outcome.final_dist,
         "final_state_dist": outcome.final_state_dist,
+        "final_geodesic_dist": dist_trace[-1] if dist_trace and dist_kind == "geodesic" else None,
+        "dist_kind": dist_kind,
+        "dist_trace": dist_trace,
+        "obs_steps": obs_steps,
         "steps_used": outcome.steps_used,
-        "max_steps": protocol.max_steps,
+        "max_steps": env_step_budget(protocol),
+        "unbounded": not protocol.bounded,
+        "for_planner": for_planner,
         "plan_time_s": float(np.median(outcome.plan_seconds)) if outcome.plan_seconds else 0.0,
         "n_plans": len(outcome.plan_seconds),
+        "iterations_used": len(outcome.plan_seconds),
     }
 
 
@@ -242,8 +369,15 @@ def evaluate_policy(
     outcomes = run_mpc(policy, batch, protocol, progress=report)
     if bar is not None:
         bar.close()
-    rows = [outcome_row(i, s, o, protocol) for i, (s, o) in enumerate(zip(pair_seeds, outcomes, strict=True))]
-    summary = summarize(outcomes, protocol, {"wall_seconds": time.perf_counter() - started, **(extra or {})})
+    traces, kind = batch.distance_traces(), batch.distance_kind
+    for_planner = (extra or {}).get("for_planner")
+    rows = []
+    for i, (pair, outcome) in enumerate(zip(pair_seeds, outcomes, strict=True)):
+        grid = {"dist_trace": traces[i], "obs_steps": batch.obs_steps[i], "dist_kind": kind}
+        rows.append(outcome_row(i, pair, outcome, protocol, for_planner=for_planner, **grid))
+    wall = time.perf_counter() - started
+    meta = {"policy": policy.metadata} if hasattr(policy, "metadata") else {}
+    summary = summarize(outcomes, protocol, {"wall_seconds": wall, **meta, **(extra or {})}, rows)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,10 +390,15 @@ def evaluate_policy(
 
 # ---------------------------------------------------------------- `wmlab plan`
 def make_policy(
-    planner_cfg: dict, *, env, protocol: Protocol, horizon: int, model=None, objective=None, chunk=None
-):
+    planner_cfg: dict, *, env, protocol: Protocol, horizon: int, model=None, objective=None, chunk=None,
+    precision: str = "fp32", memory_budget: int | None = None,
+):  # fmt: skip
     """The policy named by ``planner_cfg['name']``: ``random``, ``oracle``, ``<planner>`` (open loop:
-    plan once, execute the whole plan) or ``mpc_<planner>`` (re-plan every n_taken_actions)."""
+    plan once, execute the whole plan) or ``mpc_<planner>`` (re-plan every n_taken_actions).
+
+    chunk, precision, memory_budget: passed to ``WorldModelPolicy`` (model planners only; see there).
+    A baseline acts every ``protocol.steps_per_plan`` env steps, so under ``for_planner`` it observes
+    on that planner's grid."""
     from wmlab.planning import make_planner
     from wmlab.planning.policies import RandomPolicy, StateOraclePolicy, WorldModelPolicy
 
@@ -277,8 +416,9 @@ def make_policy(
     cfg["horizon"] = horizon
     planner = make_planner(name.removeprefix("mpc_"), **cfg)
     return WorldModelPolicy(
-        model, planner, objective, horizon=horizon, n_taken_actions=protocol.n_taken_actions, chunk=chunk
-    )
+        model, planner, objective, horizon=horizon, n_taken_actions=protocol.n_taken_actions, chunk=chunk,
+        memory_budget=memory_budget, precision=precision,
+    )  # fmt: skip
 
 
 def resolve_run(run_dir: Path, import_to: Path | None = None, epoch: str | int = "latest") -> Path:
@@ -318,9 +458,14 @@ def run_env(run_dir: Path, run_cfg: dict, fallback: dict) -> dict:
 
 
 def protocol_from(cfg: dict, frameskip: int) -> Protocol:
-    """max_steps (env steps) bounds the episode; max_iter (plans) overrides it; max_iter=null = unbounded."""
+    """max_steps (env steps) bounds the episode; max_iter (plans) overrides it; max_iter=null = unbounded.
+
+    The protocol is that of ``for_planner`` when a baseline runs for one (an open-loop planner: one plan
+    of goal_H x frameskip env steps; an ``mpc_*`` one: the max_steps budget), else the planner's own
+    (baselines without ``for_planner`` run the MPC budget, as before)."""
     planner = cfg["planner"]
-    mpc = planner["name"].startswith("mpc_") or planner["name"] in ("random", "oracle")
+    name = cfg.get("for_planner") or planner["name"]
+    mpc = name.startswith("mpc_") or name in BASELINES
     horizon = int(cfg["goal_H"])
     n_taken = int(planner.get("n_taken_actions") or horizon) if mpc else horizon
     max_iter = cfg.get("max_iter", "auto")
@@ -353,7 +498,23 @@ def validate_plan_cfg(cfg: dict) -> None:
     _int_setting(cfg, "max_steps", 1, "env steps per episode; null = unbounded", allow_none=True)
     _int_setting(cfg, "n_videos", 0, "episodes recorded as GIFs")
     _int_setting(cfg, "frameskip", 1, "env steps per model step")
-    _int_setting(cfg, "chunk", 1, "candidates per rollout call; null = all", allow_none=True)
+    if cfg.get("chunk") != "auto":
+        _int_setting(cfg, "chunk", 1, "candidates per rollout call; auto or null = by memory_budget", True)
+    memory_budget_bytes(cfg.get("memory_budget", "auto"))
+    from wmlab.precision import PRECISIONS  # imports torch: only when a plan is validated
+
+    if cfg.get("precision", "fp32") not in PRECISIONS:
+        raise PlanSettingError(
+            f"plan: precision={cfg.get('precision')!r} is not valid: choose one of {', '.join(PRECISIONS)}"
+        )
+    for name, check, valid in (
+        ("split_ratio", lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1,
+         "a number in (0, 1]"),
+        ("split_seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    ):  # fmt: skip
+        if cfg.get(name) is not None and not check(cfg[name]):
+            raise PlanSettingError(f"plan: {name}={cfg[name]!r} is not valid: it must be {valid} or null")
+    validate_for_planner(cfg)
     if cfg.get("max_iter", "auto") != "auto":
         _int_setting(cfg, "max_iter", 1, "plans per episode; auto or null = unbounded", allow_none=True)
     n_taken = (cfg.get("planner") or {}).get("n_taken_actions")
@@ -368,6 +529,82 @@ def validate_plan_cfg(cfg: dict) -> None:
         )
     if cfg["goal_source"] == "dset" and not cfg.get("data"):
         raise PlanSettingError("plan: goal_source=dset replays dataset actions: pass data=<dataset>")
+
+
+def model_planners() -> list[str]:
+    """Names of the planner config group that plan through a world model (all but the baselines)."""
+    from wmlab.config import _loader
+
+    return [n for n in _loader().get_group_options("planner") if n not in BASELINES]
+
+
+def validate_for_planner(cfg: dict) -> None:
+    """``for_planner`` is for baselines only and must name a model planner (else a PlanSettingError)."""
+    target, name = cfg.get("for_planner"), cfg["planner"]["name"]
+    if target is None:
+        return
+    if name not in BASELINES:
+        raise PlanSettingError(
+            f"plan: for_planner={target!r} is for the baselines (planner=random or oracle); planner={name} "
+            "always runs under its own protocol: drop for_planner"
+        )
+    valid = model_planners()
+    if target not in valid:
+        raise PlanSettingError(
+            f"plan: for_planner={target!r} is not a model planner: choose one of {', '.join(valid)}, or null"
+        )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def memory_budget_bytes(value) -> int | None:
+    """``memory_budget`` in bytes: an integer, a size such as ``8GiB`` / ``512MB``, or auto/null (None:
+    the device's default budget, ``wmlab.planning.memory.default_budget``)."""
+    import re
+
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.IGNORECASE)
+    if isinstance(value, str) and match and float(match[1]) > 0:
+        return int(float(match[1]) * _UNITS[(match[2] or "").lower()])
+    raise PlanSettingError(
+        f"plan: memory_budget={value!r} is not valid: give bytes (an integer > 0), a size such as 8GiB, "
+        "or auto"
+    )
+
+
+def dset_split(cfg: dict, run_cfg: dict | None) -> dict:
+    """The train/validation split ``goal_source=dset`` draws its pairs from (validation episodes only):
+    the run's own ``split_ratio`` / ``split_seed``; without a run (baselines) or in an imported run that
+    records none, the plan's settings, else ``split_episodes``' defaults (DINO-WM's 0.9 / 42). A plan
+    setting that contradicts the run's split is refused (its "validation" pairs would be training ones).
+    """
+    import inspect
+
+    from wmlab.data.windows import split_episodes
+
+    defaults = inspect.signature(split_episodes).parameters
+    out, sources = {}, {}
+    for name, arg in (("split_ratio", "train_fraction"), ("split_seed", "seed")):
+        own, asked = (run_cfg or {}).get(name), cfg.get(name)
+        if own is not None and asked is not None and own != asked:
+            raise PlanSettingError(
+                f"plan: {name}={asked!r} but the run was trained with {name}={own!r}: goal_source=dset draws "
+                f"from the run's validation episodes; drop {name} (or set it to {own!r})"
+            )
+        if own is not None:
+            out[name], source = own, "run"
+        elif asked is not None:
+            out[name], source = asked, "plan setting"
+        else:
+            out[name], source = defaults[arg].default, "default (DINO-WM's)"
+        sources[name] = source
+    out["split_ratio"], out["split_seed"] = float(out["split_ratio"]), int(out["split_seed"])
+    return {**out, "source": sources, "episodes": "validation"}
 
 
 def run_dir_of(cfg: dict) -> Path | None:
@@ -394,16 +631,25 @@ def data_identity(data) -> dict:
     return {"path": str(Path(data).resolve()), "fingerprint": open_dataset(data).fingerprint()}
 
 
-def plan_key(cfg: dict, *, run: dict | None, env_cfg: dict, protocol: Protocol, data: dict | None) -> dict:
+def plan_key(
+    cfg: dict, *, run: dict | None, env_cfg: dict, protocol: Protocol, data: dict | None,
+    split: dict | None = None,
+) -> dict:  # fmt: skip
     """Everything a plan cell's results depend on: reuse only on an exact match.
 
     run: ``identity_of_run`` (None for baselines without a run); env_cfg: the env actually used
-    (name + settings); protocol: the resolved budget; data: ``data_identity`` where results read the
-    dataset (``goal_source=dset`` pairs, an imported DINO-WM run's normalisation), else None.
-    Left out on purpose: device, chunk, n_videos, progress, out (they do not change the numbers).
+    (name + settings); protocol: the resolved budget (with ``for_planner``, the protocol a baseline ran
+    under); data: ``data_identity`` where results read the dataset (``goal_source=dset`` pairs, an
+    imported DINO-WM run's normalisation), else None; split: ``dset_split`` (dset pairs), else None.
+    precision: the requested one (model planners; None for baselines, which run no model): an fp32
+    request never reuses a bf16 or auto result. What ``auto`` chose, with its evidence, and the chunk
+    actually used are in ``summary.json`` (``policy``): they depend on the device at run time.
+    Left out on purpose: device, chunk, memory_budget, n_videos, progress, out (chunked costs equal
+    unchunked ones to fp rounding; the others do not touch the numbers).
     """
     encoder_weights = cfg.get("encoder_weights")
     weights_path = Path(str(encoder_weights)) if encoder_weights else None
+    model_planner = cfg["planner"]["name"] not in BASELINES
     return {
         "kind": "plan_cell",
         "format": PLAN_FORMAT,
@@ -416,6 +662,9 @@ def plan_key(cfg: dict, *, run: dict | None, env_cfg: dict, protocol: Protocol, 
             "seed": int(cfg["seed"]),
             "max_steps": cfg.get("max_steps"),
             "max_iter": cfg.get("max_iter", "auto"),
+            "for_planner": cfg.get("for_planner"),
+            "env_step_budget": env_step_budget(protocol),
+            "split": split,
             **protocol.to_dict(),
         },
         "objective": cfg["objective"],
@@ -425,19 +674,21 @@ def plan_key(cfg: dict, *, run: dict | None, env_cfg: dict, protocol: Protocol, 
             "value": str(encoder_weights) if encoder_weights else None,
             "sha256": sha256_file(weights_path) if weights_path and weights_path.is_file() else None,
         },
-        "precision": cfg.get("precision"),
+        "precision": {"requested": cfg.get("precision", "fp32")} if model_planner else None,
     }
 
 
-def _protocol_label(cfg: dict) -> str:
-    """``<planner>__<goal_source>_gH<H>_n<N>_seed<S>``: readable, but never a key on its own."""
+def _protocol_label(cfg: dict, *, for_planner: bool = True) -> str:
+    """``<planner>[_for_<planner>]__<goal_source>_gH<H>_n<N>_seed<S>``: readable, never a key on its own."""
     planner, source = cfg["planner"]["name"], cfg["goal_source"]
+    if for_planner and cfg.get("for_planner"):
+        planner = f"{planner}_for_{cfg['for_planner']}"
     return f"{planner}__{source}_gH{cfg['goal_H']}_n{cfg['n_evals']}_seed{cfg['seed']}"
 
 
 def _legacy_default_out(cfg: dict) -> Path:
     """The ``out`` plan.yaml used to default to: treated as "no out given" (the keyed default)."""
-    return DEFAULT_PLANS_DIR / _protocol_label(cfg)
+    return DEFAULT_PLANS_DIR / _protocol_label(cfg, for_planner=False)
 
 
 def cell_dir_for(cfg: dict, key: dict, run_dir: Path | None) -> tuple[Path, bool]:
@@ -482,6 +733,7 @@ class PlanSetup:
     key: dict
     out_dir: Path
     explicit: bool
+    split: dict | None = None  # goal_source=dset: the train/validation split pairs are drawn from
 
 
 def prepare_plan(cfg: dict) -> PlanSetup:
@@ -489,9 +741,10 @@ def prepare_plan(cfg: dict) -> PlanSetup:
     from wmlab.planning.planning_model import read_run_config
 
     validate_plan_cfg(cfg)
-    needs_model = cfg["planner"]["name"] not in ("random", "oracle")
+    needs_model = cfg["planner"]["name"] not in BASELINES
     run_dir = run_dir_of(cfg)
     env_cfg, frameskip, run, data = dict(cfg["env"]), int(cfg["frameskip"]), None, None
+    run_cfg, split = None, None
     if run_dir is not None:
         run_dir = resolve_run(run_dir, epoch=cfg.get("model_epoch", "latest"))
         run_cfg = read_run_config(run_dir)
@@ -507,10 +760,11 @@ def prepare_plan(cfg: dict) -> PlanSetup:
         )
     if cfg["goal_source"] == "dset":
         data = data_identity(cfg["data"])
+        split = dset_split(cfg, run_cfg)
     protocol = protocol_from(cfg, frameskip)
-    key = plan_key(cfg, run=run, env_cfg=env_cfg, protocol=protocol, data=data)
+    key = plan_key(cfg, run=run, env_cfg=env_cfg, protocol=protocol, data=data, split=split)
     out_dir, explicit = cell_dir_for(cfg, key, run_dir)
-    return PlanSetup(run_dir, env_cfg, frameskip, protocol, key, out_dir, explicit)
+    return PlanSetup(run_dir, env_cfg, frameskip, protocol, key, out_dir, explicit, split)
 
 
 def plan(cfg: dict) -> Path:
@@ -551,7 +805,7 @@ def _cell_job(cfg: dict, setup: PlanSetup) -> tuple[object, dict]:
     from wmlab.train import resolve_device
 
     model = None
-    if cfg["planner"]["name"] not in ("random", "oracle"):
+    if cfg["planner"]["name"] not in BASELINES:
         device = resolve_device(cfg.get("device", "auto"))
         model = PlanningModel.from_run(
             setup.run_dir, device=device, data=cfg.get("data"), encoder_weights=cfg.get("encoder_weights")
@@ -560,21 +814,29 @@ def _cell_job(cfg: dict, setup: PlanSetup) -> tuple[object, dict]:
     env = make_env(env_cfg.pop("name"), **env_cfg)
     try:
         n, seed = int(cfg["n_evals"]), int(cfg["seed"])
+        split = setup.split
         if cfg["goal_source"] == "random_state":
             starts, goals, seeds = random_state_pairs(env, n, seed)
         else:
             steps = int(cfg["goal_H"]) * setup.frameskip
-            starts, goals, seeds = dataset_pairs(env, cfg["data"], n, seed, steps)
+            val = validation_episodes(cfg["data"], split["split_ratio"], split["split_seed"])
+            split = {**split, "n_validation_episodes": len(val), "validation_episode_ids": val.tolist()}
+            starts, goals, seeds = dataset_pairs(env, cfg["data"], n, seed, steps, episodes=val)
         objective = Objective(**cfg["objective"])
         torch.manual_seed(seed)
-        policy = make_policy(cfg["planner"], env=env, protocol=setup.protocol, horizon=int(cfg["goal_H"]),
-                             model=model, objective=objective, chunk=cfg.get("chunk"))  # fmt: skip
+        policy = make_policy(
+            cfg["planner"], env=env, protocol=setup.protocol, horizon=int(cfg["goal_H"]), model=model,
+            objective=objective, chunk=cfg.get("chunk"), precision=cfg.get("precision", "fp32"),
+            memory_budget=memory_budget_bytes(cfg.get("memory_budget", "auto")),
+        )  # fmt: skip
     except BaseException:
         env.close()
         raise
     extra = {
         "planner": cfg["planner"],
+        "for_planner": cfg.get("for_planner"),
         "goal_source": cfg["goal_source"],
+        "split": split,
         "goal_H": int(cfg["goal_H"]),
         "seed": seed,
         "objective": cfg["objective"],

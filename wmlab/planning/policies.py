@@ -66,13 +66,16 @@ class WorldModelPolicy:
         self.memory_budget, self.requested_precision = memory_budget, check_precision(precision)
         self.precision_info: dict | None = None
         self.last_results: list = []
+        self.max_chunk = 0
 
     @property
     def metadata(self) -> dict:
-        """Settings that shaped the plans: precision (with its evidence once resolved) and chunking."""
+        """Settings that shaped the plans: precision (with its evidence once resolved) and chunking
+        (``chunk`` as set, ``chunk_used``: the most rows one rollout call took in this policy's plans)."""
         return {
             "precision": self.precision_info or {"requested": self.requested_precision},
             "chunk": self.chunk if self.chunk is not None else "auto",
+            "chunk_used": self.max_chunk or None,
             "memory_budget": self.memory_budget,
         }
 
@@ -121,6 +124,7 @@ class WorldModelPolicy:
             result = self.planner.plan(cost_fn, self.plans[idx])
         result.info["precision"] = self.precision_info["chosen"]
         result.info["chunk"] = cost_fn.last_chunk
+        self.max_chunk = max(self.max_chunk, cost_fn.max_chunk)
         actions = result.actions.detach()  # (B, T, A)
         self.plans[idx] = shift_plan(actions, self.n_taken)
         self.last_results.append(result)
