@@ -148,6 +148,8 @@ def fault_point(label: str) -> None:
         return
     mode, _, rest = spec.partition(":") if spec.startswith("enospc:") else ("kill", "", spec)
     needle, _, nth = rest.rpartition(":")
+    if not nth.isdigit():  # labels hold ':' themselves ("store.create:arrays"): no count given
+        needle, nth = rest, "1"
     if needle not in label:
         return
     _FAULT_COUNTS[needle] = _FAULT_COUNTS.get(needle, 0) + 1

@@ -45,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +52,7 @@ import numpy as np
 
 from wmlab.data.errors import DatasetError
 from wmlab.data.shards import EpisodeShards
-from wmlab.integrity import _pid_alive, clean_partials, fsync_dir, unique_tmp
+from wmlab.integrity import _pid_alive, clean_partials, fault_point, fsync_dir, unique_tmp
 
 REQUIRED_ARRAYS = ("frames", "actions", "states", "seeds", "lengths")
 FORMAT_NAME = "wmlab-trajectories"
@@ -61,14 +60,6 @@ FORMAT_NAME = "wmlab-trajectories"
 FORMAT_VERSION = 2
 #: Fill of ``seeds`` in format 2 (never a seed we write): a seeds chunk that was lost reads as this.
 MISSING_SEED = -(2**63)
-#: Environment variable naming a point at which the process SIGKILLs itself (fault-injection tests).
-FAULT_ENV = "WMLAB_FAULT"
-
-
-def fault_point(name: str) -> None:
-    """Die here (SIGKILL, no cleanup) when ``$WMLAB_FAULT`` names this point: tests of torn writes."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _zarr():
