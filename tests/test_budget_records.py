@@ -273,10 +273,8 @@ def test_dset_split_follows_the_run_and_refuses_a_contradicting_one(tiny_run, tm
     summary, rows, _, plan_verb = plan_run(run_dir, "goal_source=dset", f"data={data}", "precision=fp32",
                                            f"out={tmp_path / 'a'}")  # fmt: skip
     val = validation_episodes(data, 0.5, 42).tolist()  # the run trained with split_ratio=0.5
-    assert (
-        summary["split"]["source"] == {"split_ratio": "run", "split_seed": "run"}
-        and summary["split"]["validation_episode_ids"] == val
-    )
+    assert summary["split"]["source"] == {"split_ratio": "run", "split_seed": "run"}
+    assert summary["split"]["validation_episode_ids"] == val
     assert {r["pair_seed"] // 100000 for r in rows} <= set(val)
     cfg = compose("plan", [*TINY_PLAN, f"run_dir={run_dir}", "goal_source=dset", f"data={data}",
                            "split_ratio=0.9", f"out={tmp_path / 'b'}"])  # fmt: skip
@@ -284,3 +282,4 @@ def test_dset_split_follows_the_run_and_refuses_a_contradicting_one(tiny_run, tm
         PlanSettingError, match=r"split_ratio=0.9 but the run was trained with split_ratio=0.5"
     ):
         plan_verb(OmegaConf.to_container(cfg, resolve=True))
+    assert not (tmp_path / "b").exists()  # refused before the cell was made

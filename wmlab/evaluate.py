@@ -3,17 +3,25 @@
     plan(cfg) -> out_dir
 
 Start/goal pairs come from the env's ``sample_start_goal`` with DINO-WM's per-episode seeds
-(``seed * i + 1``, ``goal_source=random_state``) or from dataset segments whose actions are replayed
-in the env (``goal_source=dset``). All episodes run together through ``run_mpc`` (one batched plan
-per step for every episode). Writes into ``out_dir``:
+(``seed * i + 1``, ``goal_source=random_state``) or from validation-episode segments of a dataset whose
+actions are replayed in the env (``goal_source=dset``; the run's own train/validation split, as DINO-WM
+draws from its validation set). All episodes run together through ``run_mpc`` (one batched plan per
+step for every episode). The baselines (``random``, ``oracle``) run under a model planner's protocol
+with ``for_planner=<planner>`` (open loop: one plan of goal_H x frameskip env steps; ``mpc_*``: the
+max_steps budget), so every planner is drawn against its own floor and ceiling. Writes into ``out_dir``:
 
 - ``key.json``: everything the results depend on (``plan_key``: run identity and weights hash,
-  planner settings, protocol, objective, env settings, data fingerprint, precision, layout version);
-- ``results.jsonl``: one row per episode (pair seed, reached / final success, final distances,
-  env steps used, median plan seconds, plans made);
-- ``summary.json``: success rates with 95% Wilson intervals, mean final distance, median plan time,
-  the protocol (budget; ``unbounded`` when ``max_iter=null`` reproduces DINO-WM's loop); written
-  last, so its presence marks a finished cell;
+  planner settings, protocol incl. ``for_planner``, the env-step budget and the dset split, objective,
+  env settings, data fingerprint, requested precision, layout version);
+- ``results.jsonl``: one row per episode (``outcome_row``): ``pair_seed`` (shared by every encoder and
+  seed), reached / final success, ``first_reached_step``, ``dist_trace`` (geodesic distance to the goal
+  at every observation) with ``obs_steps`` (their env steps, from 0), ``max_steps`` (the budget),
+  final distances (xy ``final_dist``, ``final_geodesic_dist``, DINO-WM's ``final_state_dist``), env
+  steps used, ``iterations_used`` (plans made), median plan seconds, ``for_planner``;
+- ``summary.json``: success rates with 95% Wilson intervals, mean final distances, median plan time,
+  the protocol (budget; ``unbounded`` when ``max_iter=null`` reproduces DINO-WM's loop), iterations
+  used, ``for_planner``, the dset ``split``, and ``policy`` (a model planner's chosen precision with its
+  evidence, chunking); written last, so its presence marks a finished cell;
 - ``videos/episode_<i>_<success|failure>.gif``: real frames beside the goal for the first episodes.
 
 Where results go. By default a cell lives in ``outputs/plans/<model>__<planner>__<goal_source>_gH<H>_
@@ -761,6 +769,7 @@ def prepare_plan(cfg: dict) -> PlanSetup:
     if cfg["goal_source"] == "dset":
         data = data_identity(cfg["data"])
         split = dset_split(cfg, run_cfg)
+        validation_episodes(cfg["data"], split["split_ratio"], split["split_seed"])  # none: refused here
     protocol = protocol_from(cfg, frameskip)
     key = plan_key(cfg, run=run, env_cfg=env_cfg, protocol=protocol, data=data, split=split)
     out_dir, explicit = cell_dir_for(cfg, key, run_dir)
