@@ -187,23 +187,15 @@ def fsync_dir(directory: str | Path) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically; on any failure (disk full...) the old file is intact."""
-    path = Path(path)
-    tmp = unique_tmp(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        fault_point(f"before-rename:{path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    if fsync:
-        fsync_dir(path.parent)
-    fault_point(f"after-rename:{path.name}")
+
+    _write_aside_and_rename(Path(path), write, fsync_tmp=False, fsync=fsync)
 
 
 def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> None:
@@ -216,11 +208,16 @@ def atomic_write_json(path: str | Path, data, fsync: bool = True) -> None:
 
 def atomic_write_with(path: str | Path, write, fsync: bool = True) -> None:
     """Call ``write(tmp_path)`` (a library that writes files itself), then rename onto ``path``."""
-    path = Path(path)
+    _write_aside_and_rename(Path(path), write, fsync_tmp=fsync, fsync=fsync)
+
+
+def _write_aside_and_rename(path: Path, write, fsync_tmp: bool, fsync: bool) -> None:
+    """``write(tmp)`` to a temp name unique to this writer, (fsync it), rename it onto ``path``, fsync the
+    directory. On any failure the temp file is removed and ``path`` is untouched."""
     tmp = unique_tmp(path)
     try:
         write(tmp)
-        if fsync:
+        if fsync_tmp:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         fault_point(f"before-rename:{path.name}")
