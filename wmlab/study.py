@@ -2,20 +2,29 @@
 
 For each encoder: prepare it (train the in-domain ones, e.g. the ``vae``, on the dataset), build its
 frozen-feature cache, then for each seed train the world model with identical settings, run the
-diagnostics, and evaluate every planner on the same start/goal pairs under the same budget. The
-random-policy and state-oracle baselines run once on those pairs. Results are written in long format
-(one row per encoder x seed x planner x episode) and the report is built from them alone.
+diagnostics (the probe scored on the validation episodes, which no in-domain encoder trained on),
+and evaluate every planner on the same start/goal pairs under the same budget. The random-policy and
+state-oracle baselines run on those pairs once per model planner, under that planner's protocol.
+Results are written in long format (one row per encoder x seed x planner x episode) and the report
+is built from them alone.
 
 Layout of ``study_dir``::
 
     study.json                      settings, protocol, per-stage seconds and runs (accumulated)
-    encoders/<encoder>/             in-domain encoder weights (vae)
+    encoders/<encoder>__seed<k>__<hash>/   in-domain encoder weights (vae), one per seed, trained on
+                                    the world model's training episodes only (keyed by settings, seed,
+                                    episodes and dataset)
     runs/<encoder>__seed<k>/        world-model run directories (resumable)
     cells/<encoder>__seed<k>__<planner>__<hash>/   each evaluation (key.json, study_cell.json,
                                     results.jsonl, summary.json, videos/)
-    cells/baseline__<planner>__<hash>/
+    cells/baseline__<baseline>@<planner>__<hash>/   each baseline under each model planner's protocol
+                                    (``for_planner``; ``baseline__<baseline>__<hash>`` when plan has no
+                                    such option)
     cells/<encoder>__seed<k>__diagnostics.json   (with the key it was computed under)
-    results/episodes.jsonl, diagnostics.jsonl, distances/, failures.jsonl
+    failures/<unit>.jsonl           the failures of the latest attempt of each unit (collect, <encoder>,
+                                    <encoder>__seed<k>, baseline), one JSON per failure
+    results/episodes.jsonl, diagnostics.jsonl, distances/, failures.jsonl (merged)
+    submitit/                       cluster runs: submitit's scripts and logs per stage, jobs.json
     videos/<encoder>__seed<k>__<planner>/*.gif
     report/report.md, report.html
 
@@ -26,16 +35,25 @@ exactly that key; changed settings or retrained weights make a new cell, and ``m
 the cells of the current keys (never a cell by its name alone). Diagnostics are keyed the same way.
 
 Resuming and concurrency: every finished cell leaves its result file; a re-run skips it. A failing
-cell (missing weights, NaN loss, ...) is recorded in ``failures.jsonl`` with its error and the
-others go on. ``cell=<encoder>`` (or ``cell=<encoder>__seed<k>``) runs only that part, so a cluster
-can run cells as separate jobs (see README); a final run without ``cell`` merges and reports. Each
-``<encoder>__seed<k>`` unit (and the baselines) runs under a ``WriterLock``: one already being
-computed by another live process is skipped and recorded with who holds it. ``study.json`` is
-updated read-modify-write under its own short lock, so concurrent cell jobs never lose an update.
+cell (missing weights, NaN loss, ...) is recorded in ``failures/<unit>.jsonl`` (cell, stage, error type,
+message, time; the traceback in ``logs/failures.log``) and the others go on; ``merge`` gathers them,
+plus a "missing" row for every grid cell without a result and without a recorded failure (a job killed
+by the scheduler leaves no Python error), into ``results/failures.jsonl``. ``cell=<encoder>`` (or
+``cell=<encoder>__seed<k>``, ``cell=baseline``) runs only that part, so a cluster can run cells as
+separate jobs; ``cell=merge`` (or ``merge_only=true``) only merges the finished cells of the current
+keys and reports: it never trains, plans or builds an encoder. A ``cell`` that is not in the grid is
+refused with the list of valid ones. Each ``<encoder>__seed<k>`` unit (and the baselines) runs under a
+``WriterLock``: one already being computed by another live process is skipped and recorded with who
+holds it. ``study.json`` is updated read-modify-write under its own short lock, so concurrent cell
+jobs never lose an update.
+
+On a cluster (``cluster.executor=slurm|local|auto``, or ``hydra/launcher=submitit_slurm|submitit_local``
+on a single run) the same stages run as dependent submitit jobs: see ``wmlab.study_jobs``.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import shutil
@@ -45,6 +63,7 @@ from pathlib import Path
 
 from wmlab.integrity import (
     LockHeld,
+    UserError,
     WriterLock,
     atomic_write_json,
     atomic_write_text,
@@ -54,6 +73,8 @@ from wmlab.integrity import (
 from wmlab.runs import read_json
 
 BASELINE = "baseline"
+#: ``cell=merge``: merge and report only (the same as ``merge_only=true``)
+MERGE = "merge"
 #: Version of a study cell's key and layout; bump when a cell's meaning changes.
 CELL_FORMAT = 2
 #: Plan / train settings that do not change a cell's results (paths, display, resume switches).
@@ -63,15 +84,64 @@ _VOLATILE = ("out", "run_dir", "progress", "device", "overwrite", "n_videos", "c
 INFO_LOCK_WAIT_S = 60.0
 
 
-class Study:
-    """One study directory and its settings (the resolved ``conf/study.yaml``)."""
+class StudyError(UserError, ValueError):
+    """A study setting that names nothing in the grid (``cell=pixel``), or a stage run out of order."""
 
-    def __init__(self, cfg: dict) -> None:
+
+class NotComputed(Exception):
+    """Merge-only mode met something that would have to be computed (it is left out, never computed)."""
+
+
+def grid_units(cfg: dict) -> list[str]:
+    """Every valid ``cell=`` value of a study: each encoder, each ``<encoder>__seed<k>``, ``baseline``
+    (when the study has baselines) and ``merge``."""
+    units = []
+    for encoder in cfg["encoders"]:
+        units += [str(encoder), *(f"{encoder}__seed{int(s)}" for s in cfg["seeds"])]
+    return [*units, *([BASELINE] if cfg["baselines"] else []), MERGE]
+
+
+def check_cell(cfg: dict) -> None:
+    """Refuse a ``cell=`` that is not in the grid (a typo once ran nothing and exited 0)."""
+    only = cfg.get("cell")
+    if only in (None, ""):
+        return
+    units = grid_units(cfg)
+    if str(only) not in units:
+        import difflib
+
+        close = difflib.get_close_matches(str(only), units, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise StudyError(f"cell={only} is not in the study's grid{hint}; valid cells: {', '.join(units)}")
+
+
+@functools.cache
+def plan_has_for_planner() -> bool:
+    """Whether ``wmlab plan`` takes ``for_planner=`` (then each baseline runs under every model planner's
+    protocol, tagged; otherwise once, under the plan defaults' MPC protocol, untagged, as before)."""
+    from wmlab.config import _default_keys
+
+    return "for_planner" in _default_keys("plan")
+
+
+class Study:
+    """One study directory and its settings (the resolved ``conf/study.yaml``).
+
+    ``merge_only``: key and merge finished cells only; anything that would need computing (a VAE not
+    trained yet, a run not finished) is left out of the results and reported as missing.
+    """
+
+    def __init__(self, cfg: dict, *, merge_only: bool = False, prepared: bool = False) -> None:
         self.cfg = cfg
+        self.merge_only = merge_only
+        #: a cluster cell job: in-domain encoders must have been trained by the encoder's cache job
+        self.prepared = prepared
         self.dir = Path(cfg["study_dir"])
         self.dir.mkdir(parents=True, exist_ok=True)
+        #: failures seen by this process (``busy`` ones are kept here only: they are not the unit's own)
         self.failures: list[dict] = []
-        #: (encoder, seed, planner) -> the cell directory of its current key (filled as cells are keyed)
+        #: (encoder, seed, planner) -> the cell directory of its current key (filled as cells are keyed);
+        #: baseline cells are (BASELINE, None, "<baseline>@<planner>") or (BASELINE, None, "<baseline>")
         self.cells: dict[tuple, Path] = {}
         #: (encoder, seed) -> the key its diagnostics must have been computed under
         self.diagnostics_keys: dict[tuple, dict] = {}
@@ -117,10 +187,13 @@ class Study:
             "seeds": list(cfg["seeds"]),
             "planners": list(cfg["planners"]),
             "baselines": list(cfg["baselines"]),
+            "baselines_for_planner": self.baselines_per_planner,
             "protocol": self.protocol,
             "train_overrides": list(cfg["train"]),
             "command": cfg.get("command") or "wmlab study",
         }
+        if cfg.get("contrasts"):  # the four-factor section's contrasts (the report's defaults otherwise)
+            settings["contrasts"] = [dict(c) for c in cfg["contrasts"]]
 
         def change(info: dict) -> None:
             info.update(settings)
@@ -136,70 +209,139 @@ class Study:
             "objective": plan["objective"]
         }
 
-    def fail(self, encoder: str, seed, planner, stage: str, error: BaseException) -> None:
+    @staticmethod
+    def unit_of(encoder: str, seed) -> str:
+        """The unit a failure belongs to: ``collect``, ``<encoder>`` (prepare/encode), ``<encoder>__seed<k>``
+        or ``baseline`` (what one cell job runs)."""
+        if encoder == BASELINE:
+            return BASELINE
+        return str(encoder) if seed is None else f"{encoder}__seed{seed}"
+
+    def failures_path(self, unit: str) -> Path:
+        return self.dir / "failures" / f"{unit}.jsonl"
+
+    def reset_failures(self, unit: str) -> None:
+        """A new attempt of ``unit``: its failures of an earlier attempt no longer hold."""
+        self.failures_path(unit).unlink(missing_ok=True)
+
+    def fail(
+        self, encoder: str, seed, planner, stage: str, error: BaseException, *, own: bool = True
+    ) -> None:
+        """Record one failure: printed, appended to ``failures/<unit>.jsonl`` (``own=False`` for a unit
+        skipped because another job holds it: not that unit's failure) and to ``logs/failures.log``
+        with its traceback."""
+        unit = self.unit_of(encoder, seed)
         row = {
+            "cell": self.cell_label(encoder, seed, planner) if planner else unit,
             "encoder": encoder,
             "seed": seed,
             "planner": planner,
             "stage": stage,
+            "error_type": type(error).__name__,
+            "message": str(error),
             "error": f"{type(error).__name__}: {error}",
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         self.failures.append(row)
         print(f"study: {encoder} seed={seed} planner={planner} failed at {stage}: {row['error']}")
+        if own:
+            path = self.failures_path(unit)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with WriterLock(path, "study failures", wait=INFO_LOCK_WAIT_S, poll=0.02):
+                previous = path.read_text() if path.is_file() else ""
+                atomic_write_text(path, previous + json.dumps(row) + "\n")
         log = self.dir / "logs"
         log.mkdir(exist_ok=True)
         with open(log / "failures.log", "a") as f:
             f.write(json.dumps(row) + "\n" + traceback.format_exc() + "\n")
 
     # ------------------------------------------------------------------ stages
-    def dataset(self) -> Path:
-        """The study's dataset; collected (resumably) when it does not exist yet."""
+    def dataset_complete(self) -> bool:
+        """Whether the study's dataset holds its ``collect.n_episodes`` episodes already."""
         from wmlab.data.store import TrajectoryStore
 
         data = Path(self.cfg["data"])
+        return (data / "zarr.json").is_file() and len(TrajectoryStore(data)) >= int(
+            self.cfg["collect"]["n_episodes"]
+        )
+
+    def dataset(self, *, collect: bool = True) -> Path:
+        """The study's dataset; collected (resumably) when it does not exist yet (``collect=False``: a
+        cluster stage after the collect job, which refuses an incomplete dataset instead)."""
+        data = Path(self.cfg["data"])
         c = self.cfg["collect"]
-        if (data / "zarr.json").is_file() and len(TrajectoryStore(data)) >= int(c["n_episodes"]):
+        if self.dataset_complete():
             return data
-        from wmlab.data.collect import collect
+        if not collect:
+            raise StudyError(
+                f"dataset {data} is missing or incomplete (< {c['n_episodes']} episodes): the collect stage "
+                "did not finish; run `wmlab study ... cell=` jobs only after it (see the collect job's log)"
+            )
+        from wmlab.data.collect import collect as collect_episodes
 
         env = dict(self.cfg["env"])
         name = env.pop("name")
         self.timed(
-            "collect", collect, out=data, env=name, n_episodes=int(c["n_episodes"]),
+            "collect", collect_episodes, out=data, env=name, n_episodes=int(c["n_episodes"]),
             episode_len=int(c["episode_len"]), policy="random", workers=int(c["workers"]),
             seed=int(c["seed"]), env_kwargs=env, progress=self.cfg["progress"],
             lock_wait=float(self.cfg.get("lock_wait", 0)),
         )  # fmt: skip
         return data
 
-    def encoder_overrides(self, encoder: str, data: Path) -> list[str]:
-        """Train-time overrides choosing ``encoder``, after preparing it when it learns in-domain."""
+    def encoder_overrides(self, encoder: str, data: Path, seed: int) -> list[str]:
+        """Train-time overrides choosing ``encoder``, after preparing it when it learns in-domain (the
+        VAE: one per seed, on the training episodes only)."""
         overrides = [f"encoder={self.base_encoder(encoder)}", *self.cfg["encoder_overrides"].get(encoder, [])]
         if self.base_encoder(encoder) == "vae" and not any(
             o.startswith("encoder.weights=") for o in overrides
         ):
-            overrides.append(f"encoder.weights={self.train_vae(encoder, data)}")
+            overrides.append(f"encoder.weights={self.train_vae(encoder, seed, data)}")
         return overrides
 
     def base_encoder(self, encoder: str) -> str:
         """Study keys may name variants (``pixels_pool2``); ``encoder_names`` maps them to encoders."""
         return self.cfg["encoder_names"].get(encoder, encoder)
 
-    def train_vae(self, encoder: str, data: Path) -> Path:
+    @functools.cached_property
+    def split(self) -> tuple[list[int], list[int]]:
+        """(training, validation) episode ids of the study's world models (``split_ratio``/``split_seed``
+        of its train settings): in-domain encoders train on the first only, the probe scores the second."""
+        from omegaconf import OmegaConf
+
+        from wmlab.config import compose
+        from wmlab.data.store import TrajectoryStore
+        from wmlab.data.windows import split_episodes
+
+        cfg = OmegaConf.to_container(compose("train", [*self.cfg["train"], f"data={self.cfg['data']}"]))
+        train, val = split_episodes(
+            TrajectoryStore(self.cfg["data"]).committed, float(cfg["split_ratio"]), int(cfg["split_seed"])
+        )
+        return sorted(int(e) for e in train), sorted(int(e) for e in val)
+
+    def vae_dir(self, encoder: str, seed: int) -> Path:
+        """Where the VAE of ``encoder`` for ``seed`` lives, under the key of what it is trained from."""
+        key = {"kind": "study_vae", "vae": dict(self.cfg["vae"]), "seed": int(seed),
+               "episodes": self.split[0], "data": self.data_fingerprint}  # fmt: skip
+        return keyed_dir(self.dir / "encoders", f"{encoder}__seed{seed}", key)
+
+    def train_vae(self, encoder: str, seed: int, data: Path) -> Path:
         from wmlab.models.vae import train_vae
 
-        out = self.dir / "encoders" / encoder
+        out = self.vae_dir(encoder, seed)
         if not (out / "vae.json").is_file():
-            v = dict(self.cfg["vae"])
+            if self.merge_only:
+                raise NotComputed(f"{out} is not trained")
+            if self.prepared:
+                raise StudyError(
+                    f"{out} is not trained: the cache job of '{encoder}' did not finish (see its log under "
+                    f"the study's submitit/cache/); re-run it with `wmlab study ... cell={encoder}`"
+                )
             self.timed(
-                f"prepare:{encoder}",
-                train_vae,
-                data,
-                out,
-                device=self.cfg["device"],
-                progress=self.cfg["progress"],
-                **v,
-            )
+                f"prepare:{encoder}", train_vae, data, out, device=self.cfg["device"],
+                progress=self.cfg["progress"], seed=int(seed), episodes=self.split[0],
+                **dict(self.cfg["vae"]),
+            )  # fmt: skip
         return out
 
     def train_cfg(self, encoder: str, seed: int, data: Path) -> dict:
@@ -208,7 +350,7 @@ class Study:
         from wmlab.config import compose
 
         overrides = [
-            *self.cfg["train"], *self.encoder_overrides(encoder, data), f"data={data}",
+            *self.cfg["train"], *self.encoder_overrides(encoder, data, seed), f"data={data}",
             f"training.seed={seed}", f"run_dir={self.run_dir(encoder, seed)}", f"device={self.cfg['device']}",
             f"progress={self.cfg['progress']}",
         ]  # fmt: skip
@@ -254,14 +396,92 @@ class Study:
             "run": run,
         }
 
+    # ------------------------------------------------------------------ baselines under each protocol
+    @property
+    def baselines_per_planner(self) -> bool:
+        return plan_has_for_planner()
+
+    def baseline_cells(self) -> list[tuple[str, str | None, str]]:
+        """(cell name, baseline, for_planner) of every baseline cell: ``random@cem`` per model planner."""
+        if not self.baselines_per_planner or not self.cfg["planners"]:
+            return [(b, b, None) for b in self.cfg["baselines"]]
+        return [(f"{b}@{p}", b, p) for b in self.cfg["baselines"] for p in self.cfg["planners"]]
+
+    # ------------------------------------------------------------------ keys
+    def key_cell(self, encoder: str, seed, planner: str, run_dir: Path | None, tcfg=None, run=None):
+        """Key one cell (recorded in ``self.cells``): returns (cell directory, key, plan config)."""
+        if encoder == BASELINE:
+            _, baseline, for_planner = next(c for c in self.baseline_cells() if c[0] == planner)
+            pcfg = self.plan_cfg(baseline, self.dir / "cells" / "unkeyed", for_planner=for_planner)
+        else:
+            pcfg = self.plan_cfg(planner, self.dir / "cells" / "unkeyed", run_dir)
+        key = self.cell_key(encoder, seed, planner, pcfg, tcfg, run)
+        out = keyed_dir(self.dir / "cells", self.cell_label(encoder, seed, planner), key)
+        self.cells[(encoder, seed, planner)] = out
+        return out, key, pcfg
+
+    def diagnostics_key(self, encoder: str, seed: int, run: dict, tcfg: dict) -> dict:
+        key = {"kind": "study_diagnostics", "format": CELL_FORMAT, "run": run,
+               "diagnostics": self.cfg["diagnostics"], "heldout_episodes": self.heldout(tcfg),
+               "data": self.data_fingerprint}  # fmt: skip
+        self.diagnostics_keys[(encoder, seed)] = key
+        return key
+
+    def heldout(self, tcfg: dict) -> list[int]:
+        """The run's validation episodes: neither its world model nor an in-domain encoder trained on them."""
+        from wmlab.data.store import TrajectoryStore
+        from wmlab.data.windows import split_episodes
+
+        committed = TrajectoryStore(self.cfg["data"]).committed
+        _, val = split_episodes(committed, float(tcfg["split_ratio"]), int(tcfg["split_seed"]))
+        return sorted(int(e) for e in val)
+
+    def key_cells(self) -> None:
+        """Key every grid cell not keyed yet (finished work only: nothing is trained, planned or loaded
+        but configs and the runs' identities, i.e. weight-file hashes), so ``merge`` reads exactly the
+        cells of the current keys whichever process computed them."""
+        data = Path(self.cfg["data"])
+        was, self.merge_only = self.merge_only, True
+        try:
+            for encoder in self.cfg["encoders"]:
+                for seed in (int(s) for s in self.cfg["seeds"]):
+                    todo = [p for p in self.cfg["planners"] if (encoder, seed, p) not in self.cells]
+                    if not todo and (encoder, seed) in self.diagnostics_keys:
+                        continue
+                    self._key_seed(encoder, seed, data, todo)
+            for name, _, _ in self.baseline_cells():
+                if (BASELINE, None, name) not in self.cells:
+                    try:
+                        self.key_cell(BASELINE, None, name, None)
+                    except Exception:
+                        continue
+        finally:
+            self.merge_only = was
+
+    def _key_seed(self, encoder: str, seed: int, data: Path, planners: list[str]) -> None:
+        from wmlab.runs import run_identity
+
+        try:
+            tcfg = self.train_cfg(encoder, seed, data)
+            run_dir = Path(tcfg["run_dir"])
+            if not self.train_finished(run_dir, int(tcfg["training"]["epochs"])):
+                return
+            run = run_identity(run_dir)
+        except Exception:
+            return
+        self.diagnostics_key(encoder, seed, run, tcfg)
+        for planner in planners:
+            try:
+                self.key_cell(encoder, seed, planner, run_dir, tcfg, run)
+            except Exception:
+                continue
+
+    # ------------------------------------------------------------------ computing
     def plan_cell(self, encoder: str, seed, planner: str, run_dir: Path | None, tcfg=None, run=None) -> None:
         """Evaluate one cell under its key: reuse it when finished under exactly that key."""
         from wmlab.evaluate import plan
 
-        pcfg = self.plan_cfg(planner, self.dir / "cells" / "unkeyed", run_dir)
-        key = self.cell_key(encoder, seed, planner, pcfg, tcfg, run)
-        out = keyed_dir(self.dir / "cells", self.cell_label(encoder, seed, planner), key)
-        self.cells[(encoder, seed, planner)] = out
+        out, key, pcfg = self.key_cell(encoder, seed, planner, run_dir, tcfg, run)
         record = out / "study_cell.json"
         if (out / "summary.json").is_file() and record.is_file() and _same(_read_or_none(record), key):
             return
@@ -270,7 +490,9 @@ class Study:
         atomic_write_json(record, key)
         self.timed(f"plan:{encoder}:{planner}", plan, pcfg)
 
-    def plan_cfg(self, planner: str, out: Path, run_dir: Path | None = None) -> dict:
+    def plan_cfg(
+        self, planner: str, out: Path, run_dir: Path | None = None, *, for_planner: str | None = None
+    ) -> dict:
         from omegaconf import OmegaConf
 
         from wmlab.config import compose
@@ -280,6 +502,8 @@ class Study:
             shared = [o for o in shared if not o.lstrip("+~").startswith("planner.")]
         overrides = [f"planner={planner}", *shared, f"out={out}", f"device={self.cfg['device']}",
                      f"progress={self.cfg['progress']}"]  # fmt: skip
+        if for_planner is not None:  # the baseline runs under that model planner's protocol
+            overrides.append(f"for_planner={for_planner}")
         if run_dir is not None:
             overrides.append(f"run_dir={run_dir}")
         cfg = OmegaConf.to_container(compose("plan", overrides), resolve=True)
@@ -291,24 +515,46 @@ class Study:
 
         return trained_epochs(run_dir) >= epochs
 
-    def run_encoder(self, encoder: str, data: Path, seeds: list[int]) -> None:
+    def prepare_encoder(
+        self, encoder: str, data: Path, seeds: list[int], unit_seed: int | None = None
+    ) -> dict[int, dict] | None:
+        """Prepare ``encoder`` for ``seeds`` (in-domain training, one per seed) and build its feature
+        caches (one per distinct encoder config: a frozen encoder's is shared by every seed). Returns
+        the train config per seed, or None after recording the failure: under the encoder's unit, or
+        under ``<encoder>__seed<unit_seed>`` for one cell's job (which leaves the encoder's record alone)."""
+        if unit_seed is None:
+            self.reset_failures(self.unit_of(encoder, None))
         try:
             cfgs = {seed: self.train_cfg(encoder, seed, data) for seed in seeds}
         except Exception as error:  # e.g. weights not found, unknown encoder: the other encoders go on
-            self.fail(encoder, None, None, "prepare", error)
-            return
-        first = cfgs[seeds[0]]
-        try:
-            self.timed(f"encode:{encoder}", self.build_cache, first, data)
-        except Exception as error:
-            self.fail(encoder, None, None, "encode", error)
+            self.fail(encoder, unit_seed, None, "prepare", error)
+            return None
+        built: set[str] = set()
+        for tcfg in cfgs.values():
+            which = fingerprint(tcfg["encoder"], 16)
+            if which in built:
+                continue
+            try:
+                self.timed(f"encode:{encoder}", self.build_cache, tcfg, data)
+            except Exception as error:
+                self.fail(encoder, unit_seed, None, "encode", error)
+                return None
+            built.add(which)
+        return cfgs
+
+    def run_encoder(self, encoder: str, data: Path, seeds: list[int], unit_seed: int | None = None) -> None:
+        if unit_seed is not None:
+            self.reset_failures(self.unit_of(encoder, unit_seed))
+        cfgs = self.prepare_encoder(encoder, data, seeds, unit_seed)
+        if cfgs is None:
             return
         for seed, tcfg in cfgs.items():
             try:
                 with WriterLock(self.unit_target(encoder, seed), "study cell"):
+                    self.reset_failures(self.unit_of(encoder, seed))
                     self.run_seed(encoder, seed, tcfg, data)
             except LockHeld as error:  # another cell job is computing it: skip, say who
-                self.fail(encoder, seed, None, "busy", error)
+                self.fail(encoder, seed, None, "busy", error, own=False)
 
     def run_seed(self, encoder: str, seed: int, tcfg: dict, data: Path) -> None:
         """Train (resumably), diagnose and plan one encoder x seed; each result keyed."""
@@ -324,13 +570,13 @@ class Study:
             self.fail(encoder, seed, None, "train", error)
             return
         diag_path = self.diagnostics_path(encoder, seed)
-        diag_key = {"kind": "study_diagnostics", "format": CELL_FORMAT, "run": run,
-                    "diagnostics": self.cfg["diagnostics"], "data": self.data_fingerprint}  # fmt: skip
-        self.diagnostics_keys[(encoder, seed)] = diag_key
+        diag_key = self.diagnostics_key(encoder, seed, run, tcfg)
         saved = (_read_or_none(diag_path) or {}) if diag_path.is_file() else {}
         if not _same(saved.get("key"), diag_key):
             try:
-                row, distances = self.timed(f"diagnose:{encoder}", self.diagnose, run_dir, data)
+                row, distances = self.timed(
+                    f"diagnose:{encoder}", self.diagnose, run_dir, data, diag_key["heldout_episodes"]
+                )
                 diag_path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(diag_path, {"key": diag_key, "row": row, "distances": distances})
             except Exception as error:
@@ -357,51 +603,66 @@ class Study:
             lock_wait=float(self.cfg.get("lock_wait", 0)),
         )  # fmt: skip
 
-    def diagnose(self, run_dir: Path, data: Path):
+    def diagnose(self, run_dir: Path, data: Path, heldout=None):
         from wmlab.diagnostics import diagnose_run
 
         d = self.cfg["diagnostics"]
         device = "cuda" if self.cfg["device"] in ("auto", "cuda") and _cuda() else "cpu"
-        return diagnose_run(run_dir, data=data, device=device, **d)
+        return diagnose_run(run_dir, data=data, device=device, heldout_episodes=heldout, **d)
 
     def run_baselines(self) -> None:
         try:
             with WriterLock(self.unit_target(BASELINE, None), "study cell"):
-                for baseline in self.cfg["baselines"]:
+                self.reset_failures(BASELINE)
+                for name, _, _ in self.baseline_cells():
                     try:
-                        self.plan_cell(BASELINE, None, baseline, None)
+                        self.plan_cell(BASELINE, None, name, None)
                     except Exception as error:
-                        self.fail(BASELINE, None, baseline, "plan", error)
+                        self.fail(BASELINE, None, name, "plan", error)
         except LockHeld as error:
-            self.fail(BASELINE, None, None, "busy", error)
+            self.fail(BASELINE, None, None, "busy", error, own=False)
 
     # ------------------------------------------------------------------ results
+    def grid(self) -> list[tuple]:
+        """Every (encoder, seed, planner) cell of the study, baselines as (BASELINE, None, name)."""
+        cells = [
+            (e, int(s), p)
+            for e in self.cfg["encoders"]
+            for s in self.cfg["seeds"]
+            for p in self.cfg["planners"]
+        ]
+        return cells + [(BASELINE, None, name) for name, _, _ in self.baseline_cells()]
+
     def merge(self) -> None:
-        """Collect every finished cell into the long-format results files the report reads."""
+        """Collect every finished cell of the current keys into the long-format results files the report
+        reads (cells computed by other jobs are keyed here first; nothing is computed)."""
+        self.key_cells()
         results = self.dir / "results"
         (results / "distances").mkdir(parents=True, exist_ok=True)
-        episodes, diagnostics = [], []
-        cells = [
-            (e, s, p) for e in self.cfg["encoders"] for s in self.cfg["seeds"] for p in self.cfg["planners"]
-        ]
-        cells += [(BASELINE, None, b) for b in self.cfg["baselines"]]
-        for encoder, seed, planner in cells:
+        episodes, diagnostics, missing = [], [], []
+        tags = {name: (baseline, for_planner) for name, baseline, for_planner in self.baseline_cells()}
+        for encoder, seed, planner in self.grid():
             cell = self.cell_dir(encoder, seed, planner)  # only cells of the current keys
             if cell is None or not (cell / "summary.json").is_file():
+                missing.append((encoder, seed, planner))
                 continue
+            extra = {"planner": planner}
+            if encoder == BASELINE:
+                baseline, for_planner = tags[planner]
+                extra = {"planner": baseline, **({"for_planner": for_planner} if for_planner else {})}
             for line in (cell / "results.jsonl").read_text().splitlines():
                 row = json.loads(line)
-                episodes.append({"encoder": encoder, "seed": seed, "planner": planner, **row})
+                episodes.append({"encoder": encoder, "seed": seed, **row, **extra})
             videos = self.dir / "videos" / self.cell_label(encoder, seed, planner)
             if (cell / "videos").is_dir():
                 shutil.rmtree(videos, ignore_errors=True)
                 shutil.copytree(cell / "videos", videos)
         for encoder in self.cfg["encoders"]:
-            for seed in self.cfg["seeds"]:
+            for seed in (int(s) for s in self.cfg["seeds"]):
                 path = self.diagnostics_path(encoder, seed)
                 if not path.is_file():
                     continue
-                saved = read_json(path)
+                saved = _read_or_none(path) or {}
                 if not _same(saved.get("key"), self.diagnostics_keys.get((encoder, seed))):
                     continue  # computed under other settings or weights: not this study's result
                 row = {
@@ -415,7 +676,38 @@ class Study:
                 atomic_write_json(results / "distances" / f"{encoder}__seed{seed}.json", saved["distances"])
         _write_jsonl(results / "episodes.jsonl", episodes)
         _write_jsonl(results / "diagnostics.jsonl", diagnostics)
-        _write_jsonl(results / "failures.jsonl", self.failures)
+        _write_jsonl(results / "failures.jsonl", self.merged_failures(missing))
+
+    def recorded_failures(self) -> list[dict]:
+        """The failures of the latest attempt of every unit of the grid (from ``failures/``)."""
+        rows = []
+        for unit in ["collect", *grid_units(self.cfg)]:
+            path = self.failures_path(unit)
+            if path.is_file():
+                rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return rows
+
+    def merged_failures(self, missing: list[tuple]) -> list[dict]:
+        """Recorded failures, this process's ``busy`` skips, and a ``missing`` row for each cell without a
+        result that no failure explains (e.g. a job killed for time or memory)."""
+        rows = self.recorded_failures()
+        rows += [f for f in self.failures if f["stage"] == "busy" and f not in rows]
+        explained = {(r["encoder"], r["seed"], r["planner"]) for r in rows} | {
+            (r["encoder"], r["seed"]) for r in rows if r["planner"] is None
+        }
+        explained |= {r["encoder"] for r in rows if r["seed"] is None and r["planner"] is None}
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for encoder, seed, planner in missing:
+            if (encoder, seed, planner) in explained or (encoder, seed) in explained or encoder in explained:
+                continue
+            message = (
+                f"no finished result under the current key ({self.cell_label(encoder, seed, planner)}); "
+                f"its job did not finish (see logs/ and submitit/ in {self.dir}) or has not run yet"
+            )
+            rows.append({"cell": self.cell_label(encoder, seed, planner), "encoder": encoder, "seed": seed,
+                         "planner": planner, "stage": "missing", "error_type": "NoResult", "message": message,
+                         "error": f"NoResult: {message}", "time": now})  # fmt: skip
+        return rows
 
     def training_losses(self, encoder: str, seed: int) -> dict:
         meta = self.run_dir(encoder, seed) / "metadata.json"
@@ -436,28 +728,99 @@ class Study:
 
 
 def run_study(cfg: dict) -> Path:
-    """Run (or resume) the study described by ``cfg``; returns the study directory."""
-    study = Study(cfg)
-    study.save_info()
-    data = study.dataset()
+    """Run (or resume) the study described by ``cfg``; returns the study directory.
+
+    ``cfg["cell"]`` runs one unit (see ``grid_units``); ``cell=merge`` or ``merge_only`` merges and reports
+    only. With ``cluster.executor`` set (or a submitit ``hydra/launcher`` on a single run) the stages are
+    submitted as dependent jobs instead (``wmlab.study_jobs.submit_study``).
+    """
+    from wmlab import study_jobs
+
+    check_cell(cfg)
     only = cfg.get("cell")
+    merge_only = bool(cfg.get("merge_only")) or only == MERGE
+    cluster = study_jobs.executor_kind(cfg)
+    if cluster is not None and not only and not merge_only:
+        return study_jobs.submit_study(cfg, cluster)
+    study = Study(cfg, merge_only=merge_only)
+    study.save_info()
+    if merge_only:
+        return merge_and_report(study)
+    data = study.dataset()
     for encoder in cfg["encoders"]:
-        seeds = [int(s) for s in cfg["seeds"]]
+        seeds, unit_seed = [int(s) for s in cfg["seeds"]], None
         if only and only != encoder and not str(only).startswith(f"{encoder}__seed"):
             continue
         if only and str(only).startswith(f"{encoder}__seed"):
-            seeds = [int(str(only).split("__seed")[1])]
-        study.run_encoder(encoder, data, seeds)
+            unit_seed = int(str(only).split("__seed")[1])
+            seeds = [unit_seed]
+        study.run_encoder(encoder, data, seeds, unit_seed)
     if not only or only == BASELINE:
         study.run_baselines()
     if only:
         return study.dir
+    return merge_and_report(study)
+
+
+def merge_and_report(study: Study) -> Path:
     study.merge()
-    if cfg.get("report", True):
+    if study.cfg.get("report", True):
         from wmlab.report.study_report import build_report
 
         study.timed("report", build_report, study.dir)
     return study.dir
+
+
+def run_stage(cfg: dict, stage: str, unit: str | None = None) -> dict:
+    """One stage of the study's job graph (what each submitit job runs; see ``wmlab.study_jobs``):
+
+    - ``collect``: the dataset (once).
+    - ``cache``: ``unit`` = an encoder: its in-domain training (per seed) and feature cache(s).
+    - ``cell``: ``unit`` = ``<encoder>__seed<k>`` or ``baseline``: train, diagnose, plan (never collects).
+    - ``merge``: merge the finished cells and report (never computes).
+    Returns {"stage", "unit", "failures": [...]} (the failures this job recorded).
+    """
+    cfg = {**cfg, "cluster": {**dict(cfg.get("cluster") or {}), "executor": None}}
+    if stage == "merge":
+        study = Study(cfg, merge_only=True)
+        study.save_info()
+        merge_and_report(study)
+        return {"stage": stage, "unit": None, "failures": study.failures}
+    study = Study(cfg, prepared=stage == "cell")
+    if stage == "collect":
+        study.reset_failures("collect")
+        study.save_info()
+        try:
+            study.dataset()
+        except Exception as error:
+            study.fail("collect", None, None, "collect", error)
+            raise
+    elif stage == "cache":
+        check_cell({**cfg, "cell": unit})
+        try:
+            data = study.dataset(collect=False)
+        except StudyError as error:
+            study.reset_failures(str(unit))
+            study.fail(str(unit), None, None, "prepare", error)
+            raise
+        if study.prepare_encoder(str(unit), data, [int(s) for s in cfg["seeds"]]) is None:
+            raise StudyError(f"{unit}: preparing the encoder failed (see {study.failures_path(str(unit))})")
+    elif stage == "cell":
+        check_cell({**cfg, "cell": unit})
+        if unit == BASELINE:
+            study.run_baselines()
+        else:
+            encoder, seed = str(unit).rsplit("__seed", 1)
+            try:
+                data = study.dataset(collect=False)
+            except StudyError as error:
+                study.reset_failures(str(unit))
+                study.fail(encoder, int(seed), None, "prepare", error)
+                raise
+            study.run_encoder(encoder, data, [int(seed)], int(seed))
+    else:
+        raise StudyError(f"unknown study stage '{stage}'; stages: collect, cache, cell, merge")
+    return {"stage": stage, "unit": unit, "failures": study.failures}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -172,7 +172,9 @@ def load_vae(path, device: str | torch.device = "cpu") -> ConvVAE:
 class FramePool:
     """Uniform random frames over every committed step of one or more stores (or a uint8 array)."""
 
-    def __init__(self, data) -> None:
+    def __init__(self, data, episodes=None) -> None:
+        """``episodes``: the episode ids to draw frames from (default: every committed one); a study
+        holds its validation episodes out so the diagnostics' probe scores frames no VAE saw."""
         from wmlab.data.store import TrajectoryStore
 
         sources = data if isinstance(data, list | tuple) else [data]
@@ -189,7 +191,9 @@ class FramePool:
                 store = source if isinstance(source, TrajectoryStore) else TrajectoryStore(source)
                 self.stores.append(store)
             # (store index, episode, length) for every committed episode, for uniform-frame sampling
-            rows = [(s, int(e), int(st.lengths[e])) for s, st in enumerate(self.stores) for e in st.committed]
+            keep = None if episodes is None else {int(e) for e in episodes}
+            rows = [(s, int(e), int(st.lengths[e])) for s, st in enumerate(self.stores) for e in st.committed
+                    if keep is None or int(e) in keep]  # fmt: skip
             if not rows:
                 raise ValueError(f"no committed episodes in {[str(s.path) for s in self.stores]}")
             self.rows = np.asarray(rows, dtype=np.int64)  # (n_episodes, 3)
@@ -247,6 +251,7 @@ def train_vae(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    episodes=None,
 ) -> Path:
     """Train the conv VAE on frames; resumable (a re-run continues from the last saved step).
 
@@ -259,6 +264,7 @@ def train_vae(
         epochs: passes over all frames (the paper: 1, the reference code: 10); ``steps`` overrides it.
         batch_size, lr: Adam (paper: 100, 1e-4).
         save_every: steps between checkpoints; the last step always saves.
+        episodes: train on these episode ids only (a store's; default all committed episodes).
     Returns:
         ``out``, loadable with ``load_vae(out)`` or ``make_encoder("vae", weights=out)``.
     """
@@ -275,7 +281,7 @@ def train_vae(
     cfg = VAEConfig(z_dim=int(z_dim), channels=list(channels), kl_tolerance=float(kl_tolerance))
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size and save_every must be >= 1, got {batch_size}, {save_every}")
-    pool = FramePool(data)
+    pool = FramePool(data, episodes)
     total = int(steps) if steps is not None else max(1, math.ceil(float(epochs) * pool.size / batch_size))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,267 @@
+"""The study as submitit stages, merge-only mode, `cell=` validation, failures.jsonl, baselines per planner,
+held-out episodes for the probe and per-seed in-domain encoders (issues 13 and 14)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import ClassVar
+
+import pytest
+
+from tests.test_study import TINY_TRAIN, read_jsonl, study_cfg
+from wmlab.study import BASELINE, Study, StudyError, grid_units, plan_has_for_planner, run_stage, run_study
+
+#: Episode-row fields that are measurements of time, not results
+_TIMING = ("seconds", "time", "_s", "wall", "throughput", "per_s")
+
+
+def _results(rows: list[dict]) -> list[dict]:
+    """Rows without timings, sorted: what must agree between two runs of the same study."""
+    clean = [{k: v for k, v in r.items() if not any(t in k for t in _TIMING)} for r in rows]
+    return sorted(clean, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+@pytest.fixture(scope="module")
+def jobs_store(tiny_store, tmp_path_factory):
+    from wmlab.data.store import TrajectoryStore
+
+    copy = tmp_path_factory.mktemp("jobs_data") / "tiny.zarr"
+    shutil.copytree(tiny_store.path, copy)
+    return TrajectoryStore(copy)
+
+
+def two_cell_cfg(store, study_dir, **settings) -> dict:
+    """Two encoders (two cells) and the random baseline, one planner: three cell jobs at once."""
+    cfg = study_cfg(store, study_dir, **{"encoders": ["pixels", "pixels_big"], **settings})
+    cfg["cluster"]["stages"] = {s: {"cpus": 1, "gpus": 0, "mem_gb": 2, "timeout_min": 10}
+                                for s in ("collect", "cache", "cell", "merge")}  # fmt: skip
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def in_process(jobs_store, tmp_path_factory):
+    study_dir = tmp_path_factory.mktemp("in_process")
+    started = time.perf_counter()
+    run_study(two_cell_cfg(jobs_store, study_dir))
+    return study_dir, time.perf_counter() - started
+
+
+def test_cell_not_in_the_grid_is_one_line_listing_the_valid_cells(jobs_store, tmp_path):
+    cfg = two_cell_cfg(jobs_store, tmp_path / "s", cell="pixel")
+    with pytest.raises(StudyError) as err:
+        run_study(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "cell=pixel is not in the study's grid" in message
+    assert "did you mean 'pixels'" in message
+    for unit in ("pixels", "pixels__seed0", "pixels_big__seed0", "baseline", "merge"):
+        assert unit in message
+    assert not (tmp_path / "s").exists()  # refused before anything was made
+    assert grid_units(cfg) == [
+        "pixels",
+        "pixels__seed0",
+        "pixels_big",
+        "pixels_big__seed0",
+        "baseline",
+        "merge",
+    ]
+
+
+def test_cli_cell_typo_exits_1_with_one_line(jobs_store, tmp_path, capsys):
+    from wmlab.cli import main
+
+    code = main(["study", f"data={jobs_store.path}", f"study_dir={tmp_path / 's'}", "cell=pixel",
+                 f"hydra.run.dir={tmp_path / 'h'}", "progress=false"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "cell=pixel is not in the study's grid" in err[0], err
+
+
+def test_in_process_study_records_failures_and_tags_baselines(in_process):
+    study_dir, _ = in_process
+    episodes = read_jsonl(study_dir / "results" / "episodes.jsonl")
+    baseline = [r for r in episodes if r["encoder"] == BASELINE]
+    assert baseline and {r["planner"] for r in baseline} == {"random"}
+    if not plan_has_for_planner():
+        pytest.skip("wmlab plan has no for_planner option yet: baselines run once, untagged")
+    assert {r["for_planner"] for r in baseline} == {"mpc_cem"}
+    assert list((study_dir / "cells").glob("baseline__random@mpc_cem__*/summary.json"))
+    assert json.loads((study_dir / "study.json").read_text())["baselines_for_planner"] is True
+
+
+def test_probe_is_scored_on_the_world_models_validation_episodes(in_process, jobs_store):
+    from wmlab.data.windows import split_episodes
+
+    study_dir, _ = in_process
+    rows = read_jsonl(study_dir / "results" / "diagnostics.jsonl")
+    _, val = split_episodes(jobs_store.committed, 0.9, 42)  # train.yaml's split_ratio / split_seed
+    assert rows and all(r["probe_split"] == "heldout" for r in rows)
+    assert all(r["probe_test_episodes"] == len(val) for r in rows)
+    for path in (study_dir / "cells").glob("*__diagnostics.json"):  # computed under exactly those episodes
+        assert json.loads(path.read_text())["key"]["heldout_episodes"] == sorted(int(e) for e in val)
+
+
+def test_local_submitit_stages_give_the_in_process_results(in_process, jobs_store, tmp_path):
+    """CI's cluster test: cache x2 -> 3 concurrent cell jobs -> merge, with submitit's local
+    executor, reproduce the in-process run's merged results (timings aside)."""
+    reference, in_process_s = in_process
+    started = time.perf_counter()
+    cfg = two_cell_cfg(jobs_store, tmp_path)
+    cfg["cluster"]["executor"] = "local"
+    run_study(cfg)
+    local_s = time.perf_counter() - started
+    print(f"\nstudy wall time: in-process {in_process_s:.1f} s, submitit local {local_s:.1f} s")
+    jobs = json.loads((tmp_path / "submitit" / "jobs.json").read_text())
+    # the dataset exists: no collect job (it would only find it complete)
+    assert [s["stage"] for s in jobs["stages"]] == ["cache", "cell", "merge"]
+    assert jobs["stages"][1]["units"] == ["pixels__seed0", "pixels_big__seed0", BASELINE]
+    assert all(state == "COMPLETED" for s in jobs["stages"] for state in s["states"]), jobs
+    for name in ("episodes.jsonl", "diagnostics.jsonl", "failures.jsonl"):
+        ours, theirs = (read_jsonl(d / "results" / name) for d in (tmp_path, reference))
+        assert _results(ours) == _results(theirs), name
+    assert (tmp_path / "report" / "report.html").is_file()
+    info = json.loads((tmp_path / "study.json").read_text())
+    assert any(k.startswith("train:") for k in info["stage_seconds"]) and "report" in info["stage_seconds"]
+
+
+def test_merge_only_never_computes_nor_loads_an_encoder(in_process, jobs_store, monkeypatch):
+    study_dir, _ = in_process
+    before = read_jsonl(study_dir / "results" / "episodes.jsonl")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("merge-only computed something")
+
+    import wmlab.data.feature_cache
+    import wmlab.encoders
+    import wmlab.evaluate
+    import wmlab.models.vae
+    import wmlab.train
+
+    targets = [(wmlab.encoders, "make_encoder"), (wmlab.train, "train"), (wmlab.evaluate, "plan"),
+               (wmlab.data.feature_cache, "encode_dataset"), (wmlab.models.vae, "train_vae")]  # fmt: skip
+    for module, name in targets:
+        monkeypatch.setattr(module, name, refuse)
+    # A third encoder that has not run: merge-only leaves it out and reports it, never trains it.
+    cfg = two_cell_cfg(jobs_store, study_dir, cell="merge")
+    cfg["encoders"] = ["pixels", "pixels_big", "pixels_small"]
+    cfg["encoder_names"] = {**cfg["encoder_names"], "pixels_small": "pixels"}
+    run_study(cfg)
+    assert _results(read_jsonl(study_dir / "results" / "episodes.jsonl")) == _results(before)
+    missing = [f for f in read_jsonl(study_dir / "results" / "failures.jsonl") if f["stage"] == "missing"]
+    assert [(f["encoder"], f["seed"], f["planner"]) for f in missing] == [("pixels_small", 0, "mpc_cem")]
+    assert set(missing[0]) >= {"cell", "stage", "error_type", "message", "time"}
+    assert not (study_dir / "runs" / "pixels_small__seed0").exists()
+
+
+def test_a_cell_failure_is_in_failures_jsonl_and_cleared_by_a_good_rerun(jobs_store, tmp_path):
+    bad = two_cell_cfg(
+        jobs_store,
+        tmp_path,
+        encoders=["pixels"],
+        baselines=[],
+        train=[*TINY_TRAIN, "training.predictor_lr=-1"],
+    )  # the train stage refuses lr < 0 with a UserError
+    run_stage(bad, "cell", "pixels__seed0")
+    (row,) = read_jsonl(tmp_path / "failures" / "pixels__seed0.jsonl")
+    assert (row["cell"], row["stage"], row["error_type"]) == ("pixels__seed0", "train", "UserError")
+    assert "training.predictor_lr=-1" in row["message"] and row["time"].endswith("+00:00")
+    assert "Traceback" in (tmp_path / "logs" / "failures.log").read_text()  # kept, with the traceback
+    run_stage({**bad, "cell": None}, "merge")
+    assert [f["cell"] for f in read_jsonl(tmp_path / "results" / "failures.jsonl")] == ["pixels__seed0"]
+    assert not (tmp_path / "runs").exists()  # refused before training started
+    good = two_cell_cfg(jobs_store, tmp_path, encoders=["pixels"], baselines=[])
+    run_stage(good, "cell", "pixels__seed0")
+    assert not (tmp_path / "failures" / "pixels__seed0.jsonl").exists()
+    run_stage(good, "merge")
+    assert read_jsonl(tmp_path / "results" / "failures.jsonl") == []
+
+
+def test_a_cell_job_never_collects(jobs_store, tmp_path):
+    cfg = two_cell_cfg(jobs_store, tmp_path, encoders=["pixels"], baselines=[])
+    cfg["data"] = str(tmp_path / "not_collected.zarr")
+    with pytest.raises(StudyError, match="the collect stage did not finish"):
+        run_stage(cfg, "cell", "pixels__seed0")
+    assert not (tmp_path / "not_collected.zarr").exists()
+    (row,) = read_jsonl(tmp_path / "failures" / "pixels__seed0.jsonl")
+    assert row["stage"] == "prepare"
+
+
+def test_vae_is_trained_per_seed_on_the_training_episodes_only(jobs_store, tmp_path, monkeypatch):
+    import wmlab.models.vae as vae
+
+    seen = []
+    real = vae.FramePool
+
+    def spy(data, episodes=None):
+        seen.append(None if episodes is None else sorted(episodes))
+        return real(data, episodes)
+
+    monkeypatch.setattr(vae, "FramePool", spy)
+    tiny_vae = {"z_dim": 4, "steps": 2, "batch_size": 4, "lr": 1e-3, "channels": [4, 4, 4, 4]}
+    cfg = two_cell_cfg(jobs_store, tmp_path, encoders=["vae"], seeds=[0, 1], baselines=[], vae=tiny_vae)
+    run_stage(cfg, "cache", "vae")
+    study = Study(cfg)
+    train, val = study.split
+    dirs = [study.vae_dir("vae", s) for s in (0, 1)]
+    assert dirs[0] != dirs[1] and all((d / "vae.safetensors").is_file() for d in dirs)
+    assert seen == [train, train] and not set(train) & set(val)
+    assert not list(tmp_path.glob("failures/*.jsonl"))
+
+
+class _FakeJob:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+
+class _FakeSlurmExecutor:
+    """Records what would go to sbatch (no SLURM here): parameters and jobs per stage."""
+
+    log: ClassVar[list] = []
+    count = 100
+
+    def __init__(self, folder, cluster=None) -> None:
+        self.cluster, self.params, self.jobs = "slurm", {}, []
+        self.log.append(self)
+
+    def update_parameters(self, **params) -> None:
+        self.params.update(params)
+
+    def batch(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def submit(self, fn):
+        if not self.jobs:
+            type(self).count += 1
+        job = _FakeJob(f"{self.count}_{len(self.jobs)}")
+        self.jobs.append((fn, job))
+        return job
+
+
+def test_slurm_submission_chains_the_stages_afterany(jobs_store, tmp_path, monkeypatch):
+    import submitit
+
+    monkeypatch.setattr(submitit, "AutoExecutor", _FakeSlurmExecutor)
+    _FakeSlurmExecutor.log = []
+    cfg = two_cell_cfg(jobs_store, tmp_path)
+    cfg["cluster"].update(executor="slurm", partition="gpu", account="lab", setup=["module load cuda"])
+    cfg["data"] = str(tmp_path / "to_collect.zarr")  # not collected yet: the graph starts with collect
+    run_study(cfg)
+    stages = _FakeSlurmExecutor.log
+    assert [s.params["name"] for s in stages] == [
+        f"wmlab-study-{n}" for n in ("collect", "cache", "cell", "merge")
+    ]
+    deps = [s.params.get("slurm_additional_parameters", {}).get("dependency") for s in stages]
+    assert deps == [None, "afterany:101", "afterany:102", "afterany:103"]
+    assert [[fn.unit for fn, _ in s.jobs] for s in stages] == [
+        [None],
+        ["pixels", "pixels_big"],
+        ["pixels__seed0", "pixels_big__seed0", BASELINE],
+        [None],
+    ]
+    assert all(s.params["slurm_partition"] == "gpu" and s.params["slurm_account"] == "lab" for s in stages)
+    assert stages[2].params["slurm_setup"] == ["module load cuda"] and stages[2].params["cpus_per_task"] == 1
+    jobs = json.loads((tmp_path / "submitit" / "jobs.json").read_text())
+    assert jobs["executor"] == "slurm" and "states" not in jobs["stages"][-1]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "to_collect.zarr").exists()  # the jobs' work
