@@ -265,3 +265,39 @@ def test_slurm_submission_chains_the_stages_afterany(jobs_store, tmp_path, monke
     jobs = json.loads((tmp_path / "submitit" / "jobs.json").read_text())
     assert jobs["executor"] == "slurm" and "states" not in jobs["stages"][-1]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "to_collect.zarr").exists()  # the jobs' work
+
+
+def test_hydra_submitit_launcher_on_a_single_run_submits_the_stages(jobs_store, tmp_path, monkeypatch):
+    """`wmlab study ... hydra/launcher=submitit_slurm` once was accepted and did nothing."""
+    import submitit
+
+    from wmlab.cli import run
+
+    monkeypatch.setattr(submitit, "AutoExecutor", _FakeSlurmExecutor)
+    _FakeSlurmExecutor.log = []
+    run("study", f"data={jobs_store.path}", f"study_dir={tmp_path / 's'}", "img_size=32",
+        "collect.n_episodes=6", "encoders=[pixels]", "seeds=[0,1]", "baselines=[]", "progress=false",
+        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+        f"hydra.run.dir={tmp_path / 'h'}")  # fmt: skip
+    stages = _FakeSlurmExecutor.log
+    assert [[fn.unit for fn, _ in s.jobs] for s in stages] == [
+        ["pixels"],
+        ["pixels__seed0", "pixels__seed1"],
+        [None],
+    ]
+    assert all(s.params["slurm_partition"] == "gpu" for s in stages)
+    assert stages[1].params["cpus_per_task"] == 8  # the study's own per-stage resources (conf/study.yaml)
+
+
+def test_the_demo_presets_record_their_contrasts_in_study_json(tmp_path):
+    from omegaconf import OmegaConf
+
+    from wmlab.config import compose
+
+    for preset in ("cpu", "full"):
+        cfg = OmegaConf.to_container(compose("demo", [f"preset={preset}", f"study_dir={tmp_path / preset}"]))
+        Study(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)).save_info()
+        info = json.loads((tmp_path / preset / "study.json").read_text())
+        assert info["contrasts"] == cfg["contrasts"] and len(info["contrasts"]) >= 3
+        named = {e for c in info["contrasts"] for e in (c["a"], c["b"])}
+        assert named - set(cfg["encoders"]) <= {"dino_tok"}  # dino_tok needs its own tokenizer first
