@@ -59,6 +59,28 @@ def test_rank_seeds_differ_per_rank_and_lr_scaling():
     assert lr_scale("none", 4) == 1.0 and lr_scale("linear", 4) == 4.0
 
 
+def test_a_checkpoint_keeps_each_ranks_rng_and_restores_the_one_asked_for(tmp_path):
+    from wmlab.runs import commit_checkpoint, load_checkpoint, rng_state
+    from wmlab.train import input_workers
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(rank_seed(0, 0))
+    rank0 = rng_state("cpu")
+    torch.manual_seed(rank_seed(0, 1))
+    rank1 = rng_state("cpu")
+    assert set(rank0) == {"torch"}  # a CPU run saves no CUDA generator
+    states = {**rank0, **{f"rank1.{k}": v for k, v in rank1.items()}}
+    path = tmp_path / "checkpoint.safetensors"
+    commit_checkpoint(path, model, optimizer, {"step": 1}, progress=1, rng=states)
+    torch.manual_seed(123)
+    load_checkpoint(path, model, optimizer, rng="rank1.")
+    assert torch.equal(torch.get_rng_state(), rank1["torch"])
+    load_checkpoint(path, model, optimizer, rng=True)
+    assert torch.equal(torch.get_rng_state(), rank0["torch"])
+    assert input_workers("auto", torch.device("cpu")) == 0 and input_workers(3, torch.device("cpu")) == 3
+
+
 def test_a_bad_lr_scaling_or_workers_value_is_refused(tiny_store, tmp_path):
     from wmlab.integrity import UserError
 

@@ -4,8 +4,19 @@
 ``num_hist``, ``concat_dim``, ``training.predictor_lr`` ...). Visual tokens come from the frozen-
 feature cache when one exists for (dataset, encoder), otherwise frames are encoded on the fly.
 Checkpoints are written atomically every epoch; re-running the same command resumes from the
-last complete epoch. Multi-GPU: ``torchrun --nproc_per_node=G -m wmlab.cli train ...`` (DDP; each
-rank takes a shard of every epoch's permutation, rank 0 writes).
+last complete epoch.
+
+Input: windows go through ``wmlab.training_input`` (a DataLoader with ``training.workers`` readers,
+prefetch, pinned memory and non-blocking copies on CUDA); losses stay on the device and are checked
+for NaN/inf every ``FINITE_CHECK_EVERY`` steps and at epoch end (``FiniteWatch``), so a step issues no
+host sync. ``training.precision=auto`` is measured (``wmlab.precision``) and recorded in metadata.json.
+
+Multi-GPU: ``torchrun --nproc_per_node=G -m wmlab.cli train ...`` (DDP). ``training.batch_size`` is per
+rank (global batch = batch_size x G; ``training.lr_scaling=linear`` scales the lrs by G). Each epoch's
+permutation (a function of seed and epoch) drops its last ``windows % G`` windows and rank r takes every
+G-th window from r, so every rank runs the same number of steps and one step trains on the same windows
+as one process with batch batch_size x G. Ranks draw dropout from ``rank_seed(seed, rank)``; logged
+loss and windows/s are all-reduced over the ranks; rank 0 writes, with every rank's RNG state.
 """
 
 from __future__ import annotations
@@ -517,8 +528,14 @@ def _train(cfg: dict, rank: int, world: int) -> Path:
         stats.save(run_dir / "normalization.json")
     start_epoch, global_step = progress["epoch"], progress["global_step"]
     if start_epoch < epochs:
+        requested = tcfg.get("precision") or "auto"
+        if resuming and saved_precision is None and requested == "auto":
+            # A run from before measured precision continues under the rule it was trained with.
+            saved_precision = {"requested": "auto", "chosen": "bf16" if device.type == "cuda" else "fp32",
+                               "reason": "resumed a run made before measured precision: its rule kept "
+                               "(bf16 autocast on CUDA, fp32 elsewhere)", "device": str(device)}  # fmt: skip
         metadata["precision"] = _training_precision(
-            tcfg.get("precision") or "auto", model, train_set, tokens, device, saved_precision, rank, world
+            requested, model, train_set, tokens, device, saved_precision, rank, world
         )
     else:
         metadata["precision"] = saved_precision

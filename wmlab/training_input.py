@@ -10,8 +10,8 @@ non-blocking copies to the device, plus a NaN check that does not sync the host 
 feature cache or frames): a whole batch is read in one call inside a worker, and its tensors come
 back through shared memory. On CUDA the batches are pinned by the loader's pin-memory thread, and
 ``device_batches`` issues the next batch's host-to-device copy before the current batch is used, so
-reading, copying and computing overlap. ``train.py`` can swap its ``_batch_to(train_set.get_batch
-(ids), device)`` loop for ``device_batches(window_loader(train_set, batches, ...), device)``.
+reading, copying and computing overlap. ``wmlab.train`` builds one loader per run over a ``BatchPlan``
+(set to each epoch's batches), so persistent workers serve every epoch.
 """
 
 from __future__ import annotations
