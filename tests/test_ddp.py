@@ -121,6 +121,9 @@ def test_torchrun_uneven_shards_train_match_one_process_and_resume(tiny_store, t
     assert meta["distributed"]["world_size"] == 2 and meta["distributed"]["global_batch_size"] == 2 * BATCH
     assert meta["global_step"] == 3  # 57 windows a rank: 3 batches on each
     assert meta["history"][0]["replica_max_abs_difference"] == 0.0  # the replicas are bitwise identical
+    first = meta["history"][0]  # windows/s counts both ranks' windows (2 x 57), not rank 0's
+    assert abs(first["train_windows_per_second"] * first["epoch_seconds"] - 2 * 57) < 1e-6
+    assert meta["precision"]["chosen"] == "fp32"  # rank 0's decision, shared with rank 1
     ckpt = load_tensors(run / RUN_CHECKPOINT)
     assert not torch.equal(ckpt["rng.torch"], ckpt["rng.rank1.torch"])  # each rank's own stream is saved
 
