@@ -200,9 +200,13 @@ def _all_reduce(values: torch.Tensor, op: str = "mean") -> torch.Tensor:
     """``values`` combined over the DDP ranks (mean, sum or max); unchanged in a single process."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
-    out = values.clone()
+    on = values.device
+    if torch.distributed.get_backend() == "nccl" and on.type != "cuda":  # NCCL reduces CUDA tensors only
+        on = torch.device("cuda", torch.cuda.current_device())
+    out = values.detach().clone().to(on)
     reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
     torch.distributed.all_reduce(out, op=reduce_op)
+    out = out.to(values.device)
     return out / torch.distributed.get_world_size() if op == "mean" else out
 
 
@@ -650,9 +654,10 @@ CUDA_WORKERS = 4
 
 
 def input_workers(setting, device: torch.device) -> int:
-    """DataLoader workers for ``training.workers``: an integer as given; auto = 0 on CPU (there the
-    readers compete with the model for the same cores: measured no faster, see the README) and
-    ``CUDA_WORKERS`` on CUDA, at most the CPU cores a rank has."""
+    """DataLoader workers for ``training.workers``: an integer as given; auto = 0 on CPU, where the
+    readers compete with the model for the same cores (a 64 px, 2-epoch run on 2 cores: 1 and 2
+    workers were slower than 0, with identical losses), and ``CUDA_WORKERS`` on CUDA, at most the CPU
+    cores a rank has, less one for the training process."""
     if setting != "auto":
         return int(setting)
     if device.type != "cuda":
