@@ -33,8 +33,9 @@ def jobs_store(tiny_store, tmp_path_factory):
 
 
 def two_cell_cfg(store, study_dir, **settings) -> dict:
-    """Two encoders (two cells) and the random baseline, one planner: three cell jobs at once."""
-    cfg = study_cfg(store, study_dir, **{"encoders": ["pixels", "pixels_big"], **settings})
+    """Two encoders (two cells), dino_tok (no weights: fails at prepare) and the random baseline, one
+    planner: four cell jobs at once."""
+    cfg = study_cfg(store, study_dir, **{"encoders": ["pixels", "pixels_big", "dino_tok"], **settings})
     cfg["cluster"]["stages"] = {s: {"cpus": 1, "gpus": 0, "mem_gb": 2, "timeout_min": 10}
                                 for s in ("collect", "cache", "cell", "merge")}  # fmt: skip
     return cfg
@@ -63,6 +64,8 @@ def test_cell_not_in_the_grid_is_one_line_listing_the_valid_cells(jobs_store, tm
         "pixels__seed0",
         "pixels_big",
         "pixels_big__seed0",
+        "dino_tok",
+        "dino_tok__seed0",
         "baseline",
         "merge",
     ]
@@ -102,8 +105,8 @@ def test_probe_is_scored_on_the_world_models_validation_episodes(in_process, job
 
 
 def test_local_submitit_stages_give_the_in_process_results(in_process, jobs_store, tmp_path):
-    """CI's cluster test: cache x2 -> 3 concurrent cell jobs -> merge, with submitit's local
-    executor, reproduce the in-process run's merged results (timings aside)."""
+    """CI's cluster test: 3 cache jobs -> 4 concurrent cell jobs -> merge, with submitit's local
+    executor, reproduce the in-process run's merged results (timings aside), failures included."""
     reference, in_process_s = in_process
     started = time.perf_counter()
     cfg = two_cell_cfg(jobs_store, tmp_path)
@@ -114,8 +117,12 @@ def test_local_submitit_stages_give_the_in_process_results(in_process, jobs_stor
     jobs = json.loads((tmp_path / "submitit" / "jobs.json").read_text())
     # the dataset exists: no collect job (it would only find it complete)
     assert [s["stage"] for s in jobs["stages"]] == ["cache", "cell", "merge"]
-    assert jobs["stages"][1]["units"] == ["pixels__seed0", "pixels_big__seed0", BASELINE]
-    assert all(state == "COMPLETED" for s in jobs["stages"] for state in s["states"]), jobs
+    assert jobs["stages"][1]["units"] == ["pixels__seed0", "pixels_big__seed0", "dino_tok__seed0", BASELINE]
+    states = {(s["stage"], u): state for s in jobs["stages"] for u, state in zip(s["units"], s["states"])}
+    assert states.pop(("cache", "dino_tok")).startswith("FAILED: ")  # no weights: its cache job fails
+    assert set(states.values()) == {"COMPLETED"}, states  # ... and its cell job records why, and ends
+    (failure,) = read_jsonl(tmp_path / "results" / "failures.jsonl")
+    assert (failure["cell"], failure["stage"]) == ("dino_tok", "encode") and "weights" in failure["message"]
     for name in ("episodes.jsonl", "diagnostics.jsonl", "failures.jsonl"):
         ours, theirs = (read_jsonl(d / "results" / name) for d in (tmp_path, reference))
         assert _results(ours) == _results(theirs), name
@@ -256,8 +263,8 @@ def test_slurm_submission_chains_the_stages_afterany(jobs_store, tmp_path, monke
     assert deps == [None, "afterany:101", "afterany:102", "afterany:103"]
     assert [[fn.unit for fn, _ in s.jobs] for s in stages] == [
         [None],
-        ["pixels", "pixels_big"],
-        ["pixels__seed0", "pixels_big__seed0", BASELINE],
+        ["pixels", "pixels_big", "dino_tok"],
+        ["pixels__seed0", "pixels_big__seed0", "dino_tok__seed0", BASELINE],
         [None],
     ]
     assert all(s.params["slurm_partition"] == "gpu" and s.params["slurm_account"] == "lab" for s in stages)

@@ -691,6 +691,13 @@ class Study:
         """Recorded failures, this process's ``busy`` skips, and a ``missing`` row for each cell without a
         result that no failure explains (e.g. a job killed for time or memory)."""
         rows = self.recorded_failures()
+        # A cell job repeats its encoder's failed preparation (the cache job's): listed once, as in-process.
+        encoder_level = {(r["encoder"], r["stage"], r["error"]) for r in rows if r["seed"] is None}
+        rows = [
+            r
+            for r in rows
+            if r["seed"] is None or (r["encoder"], r["stage"], r["error"]) not in encoder_level
+        ]
         rows += [f for f in self.failures if f["stage"] == "busy" and f not in rows]
         explained = {(r["encoder"], r["seed"], r["planner"]) for r in rows} | {
             (r["encoder"], r["seed"]) for r in rows if r["planner"] is None
