@@ -174,8 +174,10 @@ class Collect(Scenario):
 class Encode(Scenario):
     name = "encode"
 
-    def prepare(self, work):
-        shutil.copytree(self.root / "clean" / "d.zarr", work / "d.zarr")
+    def prepare(self, work):  # the dataset without its cache: the clean setup has encoded it already
+        shutil.copytree(
+            self.root / "clean" / "d.zarr", work / "d.zarr", ignore=shutil.ignore_patterns("features")
+        )
 
     def args(self, work):
         return ["encode", f"data={work / 'd.zarr'}", *ENCODE]
