@@ -283,3 +283,18 @@ def test_dset_split_follows_the_run_and_refuses_a_contradicting_one(tiny_run, tm
     ):
         plan_verb(OmegaConf.to_container(cfg, resolve=True))
     assert not (tmp_path / "b").exists()  # refused before the cell was made
+
+
+def test_the_harness_env_renders_the_same_frames_without_rendering_every_step(env):
+    from wmlab.evaluate import EpisodeBatch, harness_env
+
+    quiet = harness_env({"name": "point_maze", "img_size": 16})
+    assert quiet.visual_obs is False and "visual" not in quiet.step(np.zeros(2))[0]
+    starts, goals, _ = random_state_pairs(env, 2, 99)
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(7, 2))
+    a, b = EpisodeBatch(env, starts, goals), EpisodeBatch(quiet, starts, goals)
+    for batch in (a, b):
+        batch.step(1, actions)
+    for i in range(2):  # what the policy sees is the same frame either way
+        np.testing.assert_array_equal(a.frames[i], b.frames[i])
+    quiet.close()
