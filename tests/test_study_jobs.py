@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from typing import ClassVar
 
 import pytest
 
@@ -215,85 +214,81 @@ def test_vae_is_trained_per_seed_on_the_training_episodes_only(jobs_store, tmp_p
     assert not list(tmp_path.glob("failures/*.jsonl"))
 
 
-class _FakeJob:
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """``sbatch`` and ``srun`` on PATH that only record: submitit's real SLURM executor writes its sbatch
+    scripts and parses the job ids as on a cluster; nothing runs. Returns the scripts, in order."""
+    import os
+    import stat
+
+    bin_dir, scripts = tmp_path / "fake_slurm_bin", tmp_path / "sbatch_scripts"
+    bin_dir.mkdir()
+    scripts.mkdir()
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        f'n=$(ls {scripts} | wc -l); n=$((n + 101)); cp "$1" {scripts}/$n.sh; echo "Submitted batch job $n"\n'
+    )
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return lambda: [p.read_text() for p in sorted(scripts.glob("*.sh"), key=lambda p: int(p.stem))]
 
 
-class _FakeSlurmExecutor:
-    """Records what would go to sbatch (no SLURM here): parameters and jobs per stage."""
-
-    log: ClassVar[list] = []
-    count = 100
-
-    def __init__(self, folder, cluster=None) -> None:
-        self.cluster, self.params, self.jobs = "slurm", {}, []
-        self.log.append(self)
-
-    def update_parameters(self, **params) -> None:
-        self.params.update(params)
-
-    def batch(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def submit(self, fn):
-        if not self.jobs:
-            type(self).count += 1
-        job = _FakeJob(f"{self.count}_{len(self.jobs)}")
-        self.jobs.append((fn, job))
-        return job
+def _sbatch(script: str, option: str) -> str | None:
+    """The value of ``#SBATCH --<option>=...`` in a submission script (None when absent)."""
+    for line in script.splitlines():
+        if line.startswith(f"#SBATCH --{option}="):
+            return line.split("=", 1)[1]
+    return None
 
 
-def test_slurm_submission_chains_the_stages_afterany(jobs_store, tmp_path, monkeypatch):
-    import submitit
-
-    monkeypatch.setattr(submitit, "AutoExecutor", _FakeSlurmExecutor)
-    _FakeSlurmExecutor.log = []
+def test_slurm_submission_chains_the_stages_afterany(jobs_store, tmp_path, fake_slurm):
     cfg = two_cell_cfg(jobs_store, tmp_path)
-    cfg["cluster"].update(executor="slurm", partition="gpu", account="lab", setup=["module load cuda"])
+    cfg["cluster"].update(
+        executor="slurm", partition="gpu", account="lab", setup=["module load cuda"], array_parallelism=2
+    )
     cfg["data"] = str(tmp_path / "to_collect.zarr")  # not collected yet: the graph starts with collect
     run_study(cfg)
-    stages = _FakeSlurmExecutor.log
-    assert [s.params["name"] for s in stages] == [
-        f"wmlab-study-{n}" for n in ("collect", "cache", "cell", "merge")
+    scripts = fake_slurm()
+    names = [_sbatch(s, "job-name") for s in scripts]
+    assert names == [f"wmlab-study-{n}" for n in ("collect", "cache", "cell", "merge")]
+    assert [_sbatch(s, "dependency") for s in scripts] == [
+        None,
+        "afterany:101",
+        "afterany:102",
+        "afterany:103",
     ]
-    deps = [s.params.get("slurm_additional_parameters", {}).get("dependency") for s in stages]
-    assert deps == [None, "afterany:101", "afterany:102", "afterany:103"]
-    assert [[fn.unit for fn, _ in s.jobs] for s in stages] == [
-        [None],
-        ["pixels", "pixels_big", "dino_tok"],
-        ["pixels__seed0", "pixels_big__seed0", "dino_tok__seed0", BASELINE],
-        [None],
-    ]
-    assert all(s.params["slurm_partition"] == "gpu" and s.params["slurm_account"] == "lab" for s in stages)
-    assert stages[2].params["slurm_setup"] == ["module load cuda"] and stages[2].params["cpus_per_task"] == 1
+    # one job, then arrays over the 3 encoders and the 4 cells (at most 2 running at once), then one job
+    assert [_sbatch(s, "array") for s in scripts] == [None, "0-2%2", "0-3%2", None]
+    assert all(_sbatch(s, "partition") == "gpu" and _sbatch(s, "account") == "lab" for s in scripts)
+    assert all("module load cuda" in s for s in scripts)
+    assert _sbatch(scripts[2], "cpus-per-task") == "1" and _sbatch(scripts[2], "time") == "10"
     jobs = json.loads((tmp_path / "submitit" / "jobs.json").read_text())
     assert jobs["executor"] == "slurm" and "states" not in jobs["stages"][-1]
+    assert [s["units"] for s in jobs["stages"]][1:3] == [
+        ["pixels", "pixels_big", "dino_tok"],
+        ["pixels__seed0", "pixels_big__seed0", "dino_tok__seed0", BASELINE],
+    ]
+    assert jobs["stages"][2]["job_ids"] == ["103_0", "103_1", "103_2", "103_3"]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "to_collect.zarr").exists()  # the jobs' work
 
 
-def test_hydra_submitit_launcher_on_a_single_run_submits_the_stages(jobs_store, tmp_path, monkeypatch):
+def test_hydra_submitit_launcher_on_a_single_run_submits_the_stages(jobs_store, tmp_path, fake_slurm):
     """`wmlab study ... hydra/launcher=submitit_slurm` once was accepted and did nothing."""
-    import submitit
-
     from wmlab.cli import run
 
-    monkeypatch.setattr(submitit, "AutoExecutor", _FakeSlurmExecutor)
-    _FakeSlurmExecutor.log = []
     run("study", f"data={jobs_store.path}", f"study_dir={tmp_path / 's'}", "img_size=32",
         "collect.n_episodes=6", "encoders=[pixels]", "seeds=[0,1]", "baselines=[]", "progress=false",
         "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
         f"hydra.run.dir={tmp_path / 'h'}")  # fmt: skip
-    stages = _FakeSlurmExecutor.log
-    assert [[fn.unit for fn, _ in s.jobs] for s in stages] == [
-        ["pixels"],
-        ["pixels__seed0", "pixels__seed1"],
-        [None],
+    scripts = fake_slurm()
+    assert [_sbatch(s, "job-name") for s in scripts] == [
+        f"wmlab-study-{n}" for n in ("cache", "cell", "merge")
     ]
-    assert all(s.params["slurm_partition"] == "gpu" for s in stages)
-    assert stages[1].params["cpus_per_task"] == 8  # the study's own per-stage resources (conf/study.yaml)
+    assert [_sbatch(s, "array") for s in scripts] == [None, "0-1%2", None]  # both cells at once
+    assert all(_sbatch(s, "partition") == "gpu" for s in scripts)  # the launcher's partition
+    assert _sbatch(scripts[1], "cpus-per-task") == "8"  # the study's own per-stage resources (study.yaml)
 
 
 def test_the_demo_presets_record_their_contrasts_in_study_json(tmp_path):
