@@ -235,7 +235,11 @@ def _plan(cfg: DictConfig):
         lo, hi = s["ci95"]
         count = f"{s['successes']}/{summary['n_episodes']}"
         print(f"success ({key}): {s['rate']:.2f} [{lo:.2f}, {hi:.2f}] ({count})")
-    print(f"mean final distance {summary['mean_final_dist']:.3f}; results in {out}")
+    geodesic = summary.get("mean_final_geodesic_dist")
+    along = f"mean final geodesic distance {geodesic:.3f} (straight line {summary['mean_final_dist']:.3f})"
+    plain = f"mean final distance {summary['mean_final_dist']:.3f}"
+    print(f"{along if geodesic is not None else plain}; env steps per episode "
+          f"{summary.get('env_step_budget', '?')}; results in {out}")  # fmt: skip
     return out
 
 
