@@ -287,8 +287,10 @@ def _print_report(study_dir) -> None:
     if (report / "report.html").is_file():
         print(f"report: {report / 'report.html'} (and report.md)")
     else:
-        print(f"results in {study_dir}; no report yet: this invocation ran one cell or submitted jobs whose "
-              "merge job writes it (`wmlab study ... cell=merge` merges and reports what is finished)")  # fmt: skip
+        print(
+            f"results in {study_dir}; no report yet: this invocation ran one cell or submitted jobs whose "
+            "merge job writes it (`wmlab study ... cell=merge` merges and reports what is finished)"
+        )
 
 
 # ------------------------------------------------------------------------------ the Hydra app
