@@ -43,7 +43,8 @@ from wmlab.data.feature_cache import encode_dataset
 from wmlab.data.store import TrajectoryStore
 from wmlab.data.windows import WindowDataset, WindowSpec, make_datasets
 from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
-from wmlab.train import VisualTokens, build_encoder, make_optimizer, model_config
+from wmlab.runs import build_encoder
+from wmlab.train import VisualTokens, make_optimizer, model_config
 
 #: ViT-S/8 at 64 px: 64 patch tokens of 384.
 ENCODER = dict(name="random_vit", input_size=64, patch_size=8, dim=384, depth=12, heads=6)

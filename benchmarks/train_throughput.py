@@ -36,7 +36,8 @@ import wmlab
 from wmlab.cli import compose
 from wmlab.data.collect import collect
 from wmlab.data.feature_cache import encode_dataset
-from wmlab.train import encoder_kwargs, train
+from wmlab.runs import encoder_kwargs
+from wmlab.train import train
 
 DINO_WM_WINDOWS_PER_SECOND = {"without_decoder": 3.04, "with_decoder": 0.88}
 TARGETS = {"without_decoder": 1.5, "with_decoder": 3.0}  # minimum ratios (issue 15)

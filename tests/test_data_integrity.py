@@ -516,7 +516,7 @@ def test_a_cache_without_its_root_metadata_is_an_error_not_a_silent_fallback(tmp
     """Training with a damaged cache must not quietly encode on the fly (other speed, maybe other tokens)."""
     from wmlab.data.feature_cache import encode_dataset
     from wmlab.encoders import make_encoder
-    from wmlab.train import find_feature_cache
+    from wmlab.runs import find_feature_cache
 
     store = make_store(tmp_path / "d.zarr", size=16)
     encoder = make_encoder("pixels", input_size=16, patch_size=8)

@@ -24,12 +24,13 @@ from wmlab.runs import (
     ExportMismatch,
     atomic_save_tensors,
     export_state,
+    load_run,
     load_tensors,
     read_checkpoint,
     run_identity,
     trained_epochs,
 )
-from wmlab.train import TrainingError, load_run, train
+from wmlab.train import TrainingError, train
 
 TINY = [
     "encoder=pixels",

@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from wmlab.cli import compose
-from wmlab.runs import load_tensors, trained_epochs
-from wmlab.train import TrainingError, load_run, train
+from wmlab.runs import load_run, load_tensors, trained_epochs
+from wmlab.train import TrainingError, train
 
 TINY = [
     "encoder=pixels",

@@ -613,7 +613,7 @@ def diagnose_run(
     from wmlab.data.store import TrajectoryStore
     from wmlab.data.windows import WindowDataset, WindowSpec, split_episodes
     from wmlab.envs.geodesic import geodesic_distance
-    from wmlab.train import build_encoder, find_feature_cache, load_run, resolve_device
+    from wmlab.runs import build_encoder, find_feature_cache, load_run, resolve_device
 
     run_dir = Path(run_dir)
     for name in ("config.yaml", "model.safetensors", "metadata.json", "normalization.json"):

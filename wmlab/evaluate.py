@@ -828,7 +828,7 @@ def _cell_job(cfg: dict, setup: PlanSetup) -> tuple[object, dict]:
 
     from wmlab.planning.objectives import Objective
     from wmlab.planning.planning_model import PlanningModel
-    from wmlab.train import resolve_device
+    from wmlab.runs import resolve_device
 
     model = None
     if cfg["planner"]["name"] not in BASELINES:

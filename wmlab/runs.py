@@ -568,3 +568,68 @@ def versions() -> dict:
         "numpy": numpy.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+# ------------------------------------------------------------------ world-model run directories
+RUN_WHAT = "training run"  # how a world-model run directory is named in lock messages
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = cuda when available, else cpu; or any torch device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def encoder_kwargs(enc_cfg: dict) -> dict:
+    return {k: v for k, v in enc_cfg.items() if k not in ("name", "weights", "token_pool")}
+
+
+def build_encoder(enc_cfg: dict, device: torch.device):
+    """The frozen encoder a run's ``encoder`` config names, on ``device``, in eval mode, no gradients."""
+    from wmlab.encoders import make_encoder
+
+    encoder = make_encoder(
+        enc_cfg["name"], weights=enc_cfg.get("weights"), token_pool=enc_cfg.get("token_pool", 1),
+        **encoder_kwargs(enc_cfg),
+    )  # fmt: skip
+    return encoder.to(device).eval().requires_grad_(False)
+
+
+def find_feature_cache(store, encoder):
+    """The frozen-feature cache of (dataset, encoder) if it was built, else None (encode on the fly).
+
+    A cache that exists but is stale or incomplete is an error, never silently bypassed.
+    """
+    from wmlab.data.feature_cache import cache_path, encode_command, open_feature_cache
+
+    path = cache_path(store.path, encoder.info)
+    if not path.exists():
+        return None
+    if not (path / "zarr.json").is_file():
+        # A cache appears only complete (built aside, then renamed), so a directory without its root
+        # metadata is damage; encoding on the fly instead would hide it and change the run's speed.
+        from wmlab.data.errors import DatasetError
+
+        raise DatasetError(
+            f"the feature cache at {path} is damaged (its zarr.json is missing). Delete the directory "
+            f"and rebuild it: {encode_command(store.path, info=encoder.info)}"
+        )
+    return open_feature_cache(store, encoder.info)
+
+
+def load_run(run_dir: str | Path, device="cpu"):
+    """Rebuild a trained model from its run directory alone: (LatentWorldModel in eval mode, config)."""
+    from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "model.safetensors"
+    state = None
+    if (run_dir / RUN_CHECKPOINT).is_file():  # repair an export that lags; refuse one that disagrees
+        if ensure_exports(run_dir / RUN_CHECKPOINT, run_dir, RUN_WHAT) == "lags":
+            state = checkpoint_weights(run_dir / RUN_CHECKPOINT)  # unrepairable now: the newest committed
+    cfg = read_config(run_dir / "config.yaml")
+    meta = read_json(run_dir / "metadata.json")
+    model = LatentWorldModel(WorldModelConfig(**meta["model"]))
+    model.load_state_dict(state if state is not None else load_tensors(weights))
+    return model.to(device).eval(), cfg

@@ -593,7 +593,7 @@ class Study:
     def build_cache(self, tcfg: dict, data: Path) -> None:
         """Encode the dataset once for this encoder (frozen encoders only; training then reads it)."""
         from wmlab.data.feature_cache import encode_dataset
-        from wmlab.train import encoder_kwargs
+        from wmlab.runs import encoder_kwargs
 
         enc = tcfg["encoder"]
         encode_dataset(

@@ -32,28 +32,28 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from wmlab.data.errors import DatasetError
 from wmlab.data.normalization import NormalizationStats
 from wmlab.data.store import TrajectoryStore, jsonable
 from wmlab.data.windows import WindowDataset, WindowSpec, make_datasets
-from wmlab.encoders import make_encoder
 from wmlab.integrity import UserError, WriterLock, clean_partials, key_differences
 from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
 from wmlab.precision import block_shapes, precision_context, resolve_precision
 from wmlab.runs import (
     RUN_CHECKPOINT,
+    RUN_WHAT,
     VOLATILE_CONFIG_KEYS,
     CheckpointWriteError,
     apply_optimizer_settings,
-    checkpoint_weights,
+    build_encoder,
     commit_checkpoint,
-    ensure_exports,
+    find_feature_cache,
     load_checkpoint,
     load_tensors,
     optimizer_from_tensors,
     read_checkpoint,
     read_config,
     read_json,
+    resolve_device,
     rng_state,
     sync_exports,
     versions,
@@ -67,44 +67,6 @@ class TrainingError(UserError, RuntimeError):
 
 
 # ---------------------------------------------------------------- helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def encoder_kwargs(enc_cfg: dict) -> dict:
-    return {k: v for k, v in enc_cfg.items() if k not in ("name", "weights", "token_pool")}
-
-
-def build_encoder(enc_cfg: dict, device: torch.device):
-    encoder = make_encoder(
-        enc_cfg["name"], weights=enc_cfg.get("weights"), token_pool=enc_cfg.get("token_pool", 1),
-        **encoder_kwargs(enc_cfg),
-    )  # fmt: skip
-    return encoder.to(device).eval().requires_grad_(False)
-
-
-def find_feature_cache(store: TrajectoryStore, encoder):
-    """The frozen-feature cache of (dataset, encoder) if it was built, else None (encode on the fly).
-
-    A cache that exists but is stale or incomplete is an error, never silently bypassed.
-    """
-    from wmlab.data.feature_cache import cache_path, encode_command, open_feature_cache
-
-    path = cache_path(store.path, encoder.info)
-    if not path.exists():
-        return None
-    if not (path / "zarr.json").is_file():
-        # A cache appears only complete (built aside, then renamed), so a directory without its root
-        # metadata is damage; encoding on the fly instead would hide it and change the run's speed.
-        raise DatasetError(
-            f"the feature cache at {path} is damaged (its zarr.json is missing). Delete the directory "
-            f"and rebuild it: {encode_command(store.path, info=encoder.info)}"
-        )
-    return open_feature_cache(store, encoder.info)
-
-
 class VisualTokens:
     """Turns a batch's ``visual`` entry into float tokens (B, F, N, D): cached or encoded now."""
 
@@ -419,7 +381,6 @@ def optimizer_settings(tcfg: dict, lr_scale: float = 1.0) -> list[dict]:
 
 
 # ---------------------------------------------------------------- main loop
-RUN_WHAT = "training run"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 MAX_ABS_WEIGHT = 1e6  # a world model's weights are O(1); beyond this training has diverged
 
@@ -870,18 +831,3 @@ def _tensor_names(path: Path) -> set[str]:
 
     with safe_open(str(path), framework="pt") as f:
         return set(f.keys())
-
-
-def load_run(run_dir: str | Path, device="cpu") -> tuple[LatentWorldModel, dict]:
-    """Rebuild a trained model from its run directory alone: (model in eval mode, config)."""
-    run_dir = Path(run_dir)
-    weights = run_dir / "model.safetensors"
-    state = None
-    if (run_dir / RUN_CHECKPOINT).is_file():  # repair an export that lags; refuse one that disagrees
-        if ensure_exports(run_dir / RUN_CHECKPOINT, run_dir, RUN_WHAT) == "lags":
-            state = checkpoint_weights(run_dir / RUN_CHECKPOINT)  # unrepairable now: the newest committed
-    cfg = read_config(run_dir / "config.yaml")
-    meta = read_json(run_dir / "metadata.json")
-    model = LatentWorldModel(WorldModelConfig(**meta["model"]))
-    model.load_state_dict(state if state is not None else load_tensors(weights))
-    return model.to(device).eval(), cfg

@@ -24,17 +24,21 @@ from wmlab.data.windows import split_episodes
 from wmlab.integrity import UserError, WriterLock
 from wmlab.models.decoder import DecoderConfig, LatentDecoder
 from wmlab.runs import (
+    RUN_WHAT,
     apply_optimizer_settings,
+    build_encoder,
     checkpoint_weights,
     ensure_exports,
+    find_feature_cache,
     load_tensors,
     load_training_checkpoint,
     read_config,
     read_json,
+    resolve_device,
     resumable_run,
     save_training_checkpoint,
 )
-from wmlab.train import RUN_WHAT, TrainingError, build_encoder, find_feature_cache, resolve_device
+from wmlab.train import TrainingError
 
 CHECKPOINT_FILE = "decoder_checkpoint.safetensors"  # one file: weights + Adam state + decoder.json's state
 
@@ -189,7 +193,8 @@ def log_decoded_rollout(run_dir: Path, decoder, store, cache, encoder, dev, step
 
     from wmlab.data.normalization import NormalizationStats
     from wmlab.data.windows import WindowDataset, WindowSpec
-    from wmlab.train import _tensorboard, load_run
+    from wmlab.runs import load_run
+    from wmlab.train import _tensorboard
 
     model, cfg = load_run(run_dir, device=dev)
     stats = NormalizationStats.load(run_dir / "normalization.json")

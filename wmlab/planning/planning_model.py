@@ -74,7 +74,7 @@ class PlanningModel:
     ) -> PlanningModel:
         """Load ``run_dir``. ``encoder``: an Encoder to use instead of the run's (same token shape);
         ``encoder_weights``: where the run's encoder weights are (hub id or local path)."""
-        from wmlab.train import build_encoder, load_run
+        from wmlab.runs import build_encoder, load_run
 
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
