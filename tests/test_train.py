@@ -189,3 +189,38 @@ def test_the_optimizer_trains_every_parameter_of_the_model():
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.parameters()}
     assert len(optimized) == sum(len(g["params"]) for g in optimizer.param_groups)  # each once
+
+
+@pytest.mark.parametrize("concat_dim", [1, 0])
+def test_the_no_proprio_arm_sees_no_proprio_and_scores_only_the_visual_part(concat_dim):
+    from wmlab.models.world_model import LatentWorldModel, WorldModelConfig
+
+    torch.manual_seed(0)
+    small = {"depth": 1, "heads": 2, "dim_head": 4, "mlp_dim": 8, "dropout": 0.0}
+    width = {} if concat_dim == 1 else {"action_emb_dim": 6, "proprio_emb_dim": 6}
+    cfg = dict(
+        visual_dim=6, num_visual_tokens=4, action_dim=4, concat_dim=concat_dim, predictor=small, **width
+    )
+    arm = LatentWorldModel(WorldModelConfig(**cfg, use_proprio=False))
+    batch = {
+        "visual": torch.randn(2, 4, 4, 6),
+        "proprio": torch.randn(2, 4, 4),
+        "actions": torch.randn(2, 4, 4),
+    }
+    other = {**batch, "proprio": torch.randn(2, 4, 4) * 100}  # wildly different proprio: no effect at all
+    loss, parts = arm.loss(batch)
+    torch.testing.assert_close(loss, arm.loss(other)[0])
+    torch.testing.assert_close(loss, parts["z_visual_loss"])  # the scored part is the visual one alone
+    actions = torch.randn(2, 5, 4, 4)  # (B, S, n + t, A)
+    rolled = arm.rollout(batch["visual"][:, :3], batch["proprio"][:, :3], actions)
+    again = arm.rollout(batch["visual"][:, :3], other["proprio"][:, :3], actions)
+    torch.testing.assert_close(rolled["visual"], again["visual"])  # plans cannot depend on proprio either
+    full = LatentWorldModel(WorldModelConfig(**cfg))
+    full.load_state_dict(arm.state_dict())  # same parameters: the arm changes inputs, not the model
+    assert not torch.allclose(full.loss(batch)[0], full.loss(other)[0])
+
+
+def test_proprio_false_is_a_train_option_recorded_in_the_model(tiny_store, tmp_path):
+    run_dir = train(tiny_cfg(tiny_store, tmp_path / "run", "training.epochs=1", "proprio=false"))
+    model, cfg = load_run(run_dir)
+    assert cfg["proprio"] is False and model.cfg.use_proprio is False

@@ -96,6 +96,7 @@ def model_config(cfg: dict, encoder, store: TrajectoryStore) -> WorldModelConfig
         num_pred=int(cfg["num_pred"]),
         concat_dim=int(cfg["concat_dim"]),
         predict_delta=bool(cfg.get("predict_delta", False)),
+        use_proprio=bool(cfg.get("proprio", True)),
         predictor=dict(cfg["predictor"]),
     )
 

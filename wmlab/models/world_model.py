@@ -35,6 +35,9 @@ class WorldModelConfig:
     #: through a zero-initialised linear head on the predictor's output, so training starts at the
     #: copy-last-frame model; needed for tokens that barely move, such as raw pixels (see README).
     predict_delta: bool = False
+    #: False = the no-proprio arm: the predictor sees zeros for proprio (same token layout and size, no
+    #: information) and only the visual part is scored, so planning quality rests on the visual latent.
+    use_proprio: bool = True
     predictor: dict = field(default_factory=dict)  # PredictorConfig fields except the derived ones
 
     def predictor_config(self) -> PredictorConfig:
@@ -88,6 +91,8 @@ class LatentWorldModel(nn.Module):
             f"visual tokens {tuple(visual.shape)} do not match the model's ({N=}, {Dv=}) -> "
             f"({self.cfg.num_visual_tokens}, {self.cfg.visual_dim})"
         )
+        if not self.cfg.use_proprio:
+            proprio = torch.zeros_like(proprio)  # the no-proprio arm: nothing of the true state gets in
         p = self.proprio_encoder(proprio)  # (B, T, Ep)
         a = self.action_encoder(actions)  # (B, T, Ea)
         if self.cfg.concat_dim == 0:
@@ -113,10 +118,11 @@ class LatentWorldModel(nn.Module):
         return {"visual": z[..., :Dv], "proprio": z[..., 0, Dv : Dv + Ep]}
 
     def _prediction_part(self, z: torch.Tensor) -> torch.Tensor:
-        """The part of z that is predicted and scored: everything but the action embedding."""
+        """The part of z that is predicted and scored: everything but the action embedding (and, in the
+        no-proprio arm, the proprio embedding, which then carries no information)."""
         if self.cfg.concat_dim == 0:
-            return z[:, :, :-1]
-        return z[..., : -self.cfg.action_emb_dim]
+            return z[:, :, :-1] if self.cfg.use_proprio else z[:, :, :-2]
+        return z[..., : -self.cfg.action_emb_dim] if self.cfg.use_proprio else z[..., : self.cfg.visual_dim]
 
     # ------------------------------------------------------------------ prediction
     def predict(self, z: torch.Tensor) -> torch.Tensor:
