@@ -555,3 +555,24 @@ def test_lock_wait_is_a_cli_option_and_the_study_waits(tmp_path, capsys, monkeyp
     holder.wait(timeout=30)
     assert compose("encode", ["data=x"]).lock_wait == 0
     assert compose("study", []).lock_wait > 600  # cells of one array wait for the shared dataset/cache
+
+
+def test_a_damaged_array_metadata_file_is_named_with_its_fix(tmp_path):
+    """A flipped bit in an array's zarr.json once surfaced as json's bare 'Expecting value: line 7'."""
+    from wmlab.data.feature_cache import FeatureCache, encode_dataset
+
+    store = make_store(tmp_path / "d.zarr", size=16)
+    cache = encode_dataset(
+        store, "pixels", encoder_kwargs={"input_size": 16, "patch_size": 8}, progress=False
+    )
+    for meta, opener, fix in (
+        (store.path / "actions" / "zarr.json", TrajectoryStore, "collect (or convert) it again"),
+        (cache.path / "tokens" / "zarr.json", FeatureCache, "re-run `wmlab encode`"),
+    ):
+        good = meta.read_bytes()
+        for damaged in (good[: len(good) // 2], good.replace(b'"shape"', b'"sha\xa2e"')):
+            meta.write_bytes(damaged)
+            with pytest.raises(DatasetError) as err:
+                opener(meta.parent.parent)
+            assert f"{meta} is damaged" in str(err.value) and fix in str(err.value)
+        meta.write_bytes(good)

@@ -46,7 +46,7 @@ import numpy as np
 
 from wmlab.data.errors import DatasetError
 from wmlab.data.shards import EpisodeShards
-from wmlab.data.store import clean_dead_partials, fault_point, jsonable, remove_dead_temp_dirs
+from wmlab.data.store import clean_dead_partials, fault_point, jsonable, open_arrays, remove_dead_temp_dirs
 from wmlab.integrity import WriterLock, fsync_dir, unique_tmp
 
 FORMAT_NAME = "wmlab-features"
@@ -178,14 +178,12 @@ class FeatureCache:
                 f"feature cache {self.path} has format version {self.format_version}, this "
                 f"wmlab reads {list(READABLE_VERSIONS)}; delete it and re-run `wmlab encode`"
             )
-        missing = [name for name in ("tokens", "lengths") if name not in self.group]
-        if missing:
-            raise DatasetError(
-                f"feature cache {self.path} lacks arrays {missing}; delete it and re-run `wmlab encode`"
-            )
+        arrays = open_arrays(
+            self.group, self.path, ("tokens", "lengths"), f"feature cache {self.path}",
+            "delete it and re-run `wmlab encode`",
+        )  # fmt: skip
         self.mode = mode
-        self.tokens = self.group["tokens"]
-        self._lengths_array = self.group["lengths"]
+        self.tokens, self._lengths_array = arrays["tokens"], arrays["lengths"]
         self.info = _info_from_json(self.metadata["encoder"])
         if tuple(self.tokens.shape[2:]) != (self.info.num_tokens, self.info.dim):
             raise DatasetError(

@@ -62,6 +62,25 @@ FORMAT_VERSION = 2
 MISSING_SEED = -(2**63)
 
 
+def open_arrays(group, path: Path, names, what: str, fix: str) -> dict:
+    """``{name: group[name]}``; a missing array, or one whose ``zarr.json`` no longer parses (a flipped
+    bit, a truncation), is a ``DatasetError`` naming that file and ``fix`` — never Zarr's or json's own
+    message, which names neither the file nor what to do."""
+    arrays, missing = {}, []
+    for name in names:
+        meta = Path(path) / name / "zarr.json"
+        if not meta.is_file():
+            missing.append(name)
+            continue
+        try:
+            arrays[name] = group[name]
+        except Exception as err:  # JSONDecodeError, UnicodeDecodeError, Zarr's metadata validation
+            raise DatasetError(f"{what}: {meta} is damaged ({type(err).__name__}: {err}); {fix}") from err
+    if missing:
+        raise DatasetError(f"{what} lacks arrays {missing}; {fix}")
+    return arrays
+
+
 def _zarr():
     import zarr
 
@@ -165,13 +184,10 @@ class TrajectoryStore:
                 f"{FORMAT_VERSION}. Upgrade wmlab."
             )
         names = REQUIRED_ARRAYS + (("digests",) if self.format_version >= 2 else ())
-        missing = [name for name in names if name not in self.group]
-        if missing:
-            raise DatasetError(
-                f"dataset {self.path} lacks arrays {missing}; it was not fully created. "
-                "Delete it and collect again."
-            )
-        self.arrays = {name: self.group[name] for name in names}
+        self.arrays = open_arrays(
+            self.group, self.path, names, f"dataset {self.path}",
+            "it was not fully created or is damaged. Delete it and collect (or convert) it again",
+        )  # fmt: skip
         self.mode = mode
         self._validate_shapes()
         self._frame_files = EpisodeShards(
