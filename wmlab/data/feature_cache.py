@@ -323,8 +323,10 @@ class FeatureCache:
         with self._commit_lock:
             lengths = self._lengths.copy()
             lengths[episode] = int(length)
+            fault_point("cache.commit:before")
             self._lengths_array[:] = lengths
             self._lengths = lengths
+            fault_point("cache.commit:after")
 
     def update_metadata(self, **items) -> None:
         self._require_writable()

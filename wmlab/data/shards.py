@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from wmlab.data.errors import DatasetError
-from wmlab.integrity import unique_tmp
+from wmlab.integrity import fault_point, unique_tmp
 
 
 class EpisodeShards:
@@ -111,6 +111,7 @@ class EpisodeShards:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+            fault_point(f"shard:before-rename:{self.what}")
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
