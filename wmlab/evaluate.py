@@ -408,8 +408,9 @@ def make_policy(
     chunk, precision, memory_budget: passed to ``WorldModelPolicy`` (model planners only; see there).
     A baseline acts every ``protocol.steps_per_plan`` env steps, so under ``for_planner`` it observes
     on that planner's grid."""
+    from wmlab.baselines import RandomPolicy, StateOraclePolicy
     from wmlab.planning import make_planner
-    from wmlab.planning.policies import RandomPolicy, StateOraclePolicy, WorldModelPolicy
+    from wmlab.planning.policies import WorldModelPolicy
 
     cfg = dict(planner_cfg)
     name = cfg.pop("name")
