@@ -351,7 +351,7 @@ TINY = dict(latent_dim=Z, input_size=32, proj_hidden=64, decoder_channel=32, bat
 
 
 def test_dino_tok_trains_saves_loads(tiny_store, dinov2_dirs, tmp_path):
-    from wmlab.encoders.dino_tok import train_tokenizer
+    from wmlab.training.tokenizer import train_tokenizer
 
     out = train_tokenizer(tiny_store.path, tmp_path / "tok", dinov2_weights=str(dinov2_dirs[0]), steps=30,
                           save_every=10, **TINY)  # fmt: skip
@@ -388,7 +388,7 @@ def test_dino_tok_trains_saves_loads(tiny_store, dinov2_dirs, tmp_path):
 def test_dino_tok_resume_is_exact(tiny_store, dinov2_dirs, tmp_path):
     from safetensors.torch import load_file
 
-    from wmlab.encoders.dino_tok import train_tokenizer
+    from wmlab.training.tokenizer import train_tokenizer
 
     kw = dict(dinov2_weights=str(dinov2_dirs[0]), save_every=5, **TINY)
     straight = train_tokenizer(tiny_store, tmp_path / "straight", steps=10, **kw)

@@ -269,8 +269,8 @@ def test_train_decoder_values_are_refused(tmp_path):
 
 
 def test_a_second_writer_is_refused_with_who_holds_the_lock(tiny_store, tmp_path):
-    from wmlab.models.vae import train_vae
     from wmlab.train_decoder import train_decoder
+    from wmlab.training.vae import train_vae
 
     done = train(cfg_for(tiny_store, tmp_path / "done", "training.epochs=1"))
     run, vae = tmp_path / "run", tmp_path / "vae"
@@ -350,7 +350,8 @@ def test_runs_of_the_older_layout_still_load_and_resume(tiny_store, tmp_path, re
 
 def test_vae_checkpoint_is_one_unit(tiny_store, tmp_path, monkeypatch):
     """The runs.py trainers share the design: a kill just after the VAE checkpoint commits resumes exactly."""
-    from wmlab.models.vae import load_vae, train_vae
+    from wmlab.models.vae import load_vae
+    from wmlab.training.vae import train_vae
 
     kwargs = dict(z_dim=4, channels=[4, 8, 8, 8], batch_size=4, save_every=2, progress=False, device="cpu")
     straight = load_vae(train_vae(tiny_store.path, tmp_path / "a", steps=4, **kwargs))

@@ -140,11 +140,11 @@ def test_merge_only_never_computes_nor_loads_an_encoder(in_process, jobs_store, 
     import wmlab.data.feature_cache
     import wmlab.encoders
     import wmlab.evaluate
-    import wmlab.models.vae
     import wmlab.train
+    import wmlab.training.vae
 
     targets = [(wmlab.encoders, "make_encoder"), (wmlab.train, "train"), (wmlab.evaluate, "plan"),
-               (wmlab.data.feature_cache, "encode_dataset"), (wmlab.models.vae, "train_vae")]  # fmt: skip
+               (wmlab.data.feature_cache, "encode_dataset"), (wmlab.training.vae, "train_vae")]  # fmt: skip
     for module, name in targets:
         monkeypatch.setattr(module, name, refuse)
     # A third encoder that has not run: merge-only leaves it out and reports it, never trains it.
@@ -193,7 +193,7 @@ def test_a_cell_job_never_collects(jobs_store, tmp_path):
 
 
 def test_vae_is_trained_per_seed_on_the_training_episodes_only(jobs_store, tmp_path, monkeypatch):
-    import wmlab.models.vae as vae
+    import wmlab.training.vae as vae
 
     seen = []
     real = vae.FramePool

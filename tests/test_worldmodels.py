@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from wmlab.models.mdn_rnn import MDNRNN, MDNRNNConfig, SequenceSampler, mdn_nll, sample
-from wmlab.models.vae import ConvVAE, VAEConfig, load_vae, train_vae, vae_loss
+from wmlab.models.mdn_rnn import MDNRNN, MDNRNNConfig, mdn_nll, sample
+from wmlab.models.vae import ConvVAE, VAEConfig, load_vae, vae_loss
+from wmlab.training.mdn_rnn import SequenceSampler
+from wmlab.training.vae import train_vae
 from wmlab.worldmodels.controller import ControllerConfig, forward
 from wmlab.worldmodels.envs import CarRacingEnv, DodgeEnv, discrete_move
 
@@ -269,8 +271,8 @@ def test_action_mappings():
 @pytest.fixture
 def tiny_models(tmp_path):
     """A 1-step VAE and an untrained M with a done head, saved as the stages save them, + a latents file."""
-    from wmlab.models.mdn_rnn import train_rnn
     from wmlab.runs import atomic_save_tensors
+    from wmlab.training.mdn_rnn import train_rnn
 
     frames = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
     vae = train_vae(
@@ -387,7 +389,7 @@ def test_cmaes_resume_replays_to_the_same_state(tiny_models, tmp_path):
 
 
 def test_car_dream_refuses_training_without_done_head(tiny_models, tmp_path):
-    from wmlab.models.mdn_rnn import train_rnn
+    from wmlab.training.mdn_rnn import train_rnn
     from wmlab.worldmodels.cmaes import DreamEvaluator
     from wmlab.worldmodels.latents import load_latents
 

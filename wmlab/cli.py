@@ -188,7 +188,7 @@ def _encode(cfg: DictConfig):
     "train the DINO-Tok reimplementation's projection + decoder in-domain",
 )
 def _train_tokenizer(cfg: DictConfig):
-    from wmlab.encoders.dino_tok import train_tokenizer
+    from wmlab.training.tokenizer import train_tokenizer
 
     kwargs = _plain(cfg)
     out = train_tokenizer(kwargs.pop("data"), kwargs.pop("out"), **kwargs)

@@ -326,7 +326,7 @@ class Study:
         return keyed_dir(self.dir / "encoders", f"{encoder}__seed{seed}", key)
 
     def train_vae(self, encoder: str, seed: int, data: Path) -> Path:
-        from wmlab.models.vae import train_vae
+        from wmlab.training.vae import train_vae
 
         out = self.vae_dir(encoder, seed)
         if not (out / "vae.json").is_file():

@@ -2,8 +2,8 @@
 
 Tokens are the posterior mean: (B, 1, Nz), Nz = 32 or 64. Frames are resized to 64x64 (the VAE's only input
 size) and kept in [0, 1] (no normalisation, as the VAE was trained). Weights: the directory written by
-``wmlab worldmodels train-vae`` or ``wmlab.models.vae.train_vae(data=<dataset.zarr>, out=<dir>)`` (vae.json +
-vae.safetensors); PointMaze datasets work too (their frames are resized to 64x64).
+``wmlab worldmodels train-vae`` or ``wmlab.training.vae.train_vae(data=<dataset.zarr>, out=<dir>)``
+(vae.json + vae.safetensors); PointMaze datasets work too (their frames are resized to 64x64).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from wmlab.encoders.weights import freeze, weights_sha256
 
 MISSING_WEIGHTS = (
     "vae needs weights=<directory written by train_vae>: run `wmlab worldmodels train-vae` or "
-    "wmlab.models.vae.train_vae(data=<dataset.zarr>, out=<dir>), then pass encoder.weights=<dir>."
+    "wmlab.training.vae.train_vae(data=<dataset.zarr>, out=<dir>), then pass encoder.weights=<dir>."
 )
 
 

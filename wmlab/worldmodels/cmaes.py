@@ -274,8 +274,9 @@ def train_controller(
     from tqdm.auto import tqdm
 
     from wmlab.models.mdn_rnn import load_rnn
-    from wmlab.models.vae import load_vae, tensorboard
+    from wmlab.models.vae import load_vae
     from wmlab.runs import atomic_save_tensors, load_tensors, write_json
+    from wmlab.training.common import tensorboard
     from wmlab.worldmodels.controller import load_controller, save_controller
     from wmlab.worldmodels.envs import env_class
 

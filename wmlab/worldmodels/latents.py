@@ -28,8 +28,9 @@ def encode_latents(store, vae_dir, out_file, *, batch_size: int = 256, progress:
 
     from wmlab.data.store import TrajectoryStore
     from wmlab.encoders.weights import weights_sha256
-    from wmlab.models.vae import WEIGHTS_FILE, encode_store, load_vae
+    from wmlab.models.vae import WEIGHTS_FILE, load_vae
     from wmlab.runs import atomic_save_tensors
+    from wmlab.training.vae import encode_store
 
     store = store if isinstance(store, TrajectoryStore) else TrajectoryStore(store)
     out_file = Path(out_file)

@@ -28,7 +28,8 @@ def vae_reconstructions(vae_dir, data, out: Path, n: int = 8, seed: int = 0) -> 
     import torch
     from PIL import Image
 
-    from wmlab.models.vae import FramePool, frames_to_input, load_vae
+    from wmlab.models.vae import frames_to_input, load_vae
+    from wmlab.training.vae import FramePool
 
     vae = load_vae(vae_dir)
     pool = FramePool(data)

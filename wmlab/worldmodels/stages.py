@@ -108,7 +108,7 @@ def collect(
 
 def train_vae(cfg: dict, data=None) -> Path:
     """Train V on ``data`` (default ``<root>/data.zarr``; any TrajectoryStore, e.g. PointMaze)."""
-    from wmlab.models.vae import train_vae as _train
+    from wmlab.training.vae import train_vae as _train
 
     layout = Layout(cfg["root"])
     v = cfg["vae"]
@@ -145,7 +145,7 @@ def encode(cfg: dict, data=None, out=None) -> Path:
 
 def train_rnn(cfg: dict, latents=None, out=None, steps=None, epochs=None) -> Path:
     """Train M on latent files (default: encode ``<root>/data.zarr`` first)."""
-    from wmlab.models.mdn_rnn import train_rnn as _train
+    from wmlab.training.mdn_rnn import train_rnn as _train
     from wmlab.worldmodels.latents import load_latents
 
     layout = Layout(cfg["root"])
