@@ -9,8 +9,9 @@ DINO-WM's planning setup with random weights (no download): a DINOv2-ViT-S/14-sh
 width 384 + 10 + 10 = 404, num_hist 3), and CEM with ``samples`` x ``opt-steps`` sequences of
 ``horizon`` model steps from n = 1 observed frame, last-frame MSE objective (DINO-WM's PointMaze). A
 plan = encoding the start and goal frames once + the CEM loop (``select="best"``, so no extra
-evaluation: exactly DINO-WM's samples x opt_steps rollouts). Reference: DINO-WM's own planner takes
-about 56 s per plan for this setup on this machine (~100 GFLOP/s, predictor bound).
+evaluation: exactly DINO-WM's samples x opt_steps rollouts). DINO-WM's own planner took about 56 s per
+plan for this setup once, on an earlier session's machine (~100 GFLOP/s, predictor bound); machines
+differ, so ``speedup_vs_dino_wm_56s_*`` is indicative only: the same-run ratio is fast vs reference.
 
 Variants, timed in one run in ``--repeats`` rounds of alternating order, fastest round kept (the
 machine is noisy: compare the ratios):
@@ -47,7 +48,7 @@ from wmlab.planning.objectives import Objective, rollout_cost_fn
 
 DINO_WM = dict(depth=6, heads=16, dim_head=64, mlp_dim=2048, dropout=0.1, emb_dropout=0.0)
 VIT_S = dict(hidden=384, layers=12, heads=6, patch=14, mlp_ratio=4)
-REFERENCE_SECONDS = 56.0  # DINO-WM's planner, this setup, this machine
+REFERENCE_SECONDS = 56.0  # DINO-WM's planner, this setup, measured once in an earlier session (not this run)
 
 
 def make_encoder(image_size: int):
