@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_configs import QUIET_CPU, TINY_MODEL
 
 from wmlab.cli import compose
 from wmlab.runs import RUN_CHECKPOINT, load_tensors
@@ -21,20 +22,13 @@ from wmlab.train import epoch_batches, lr_scale, rank_seed, train
 # 115 training windows (frameskip 2, num_hist 3 on the 6-episode tiny store): shards of 58 and 57
 # before dropping, i.e. 4 vs 3 batches of 19 -- the count that crashed (gloo) or would hang (NCCL).
 DDP = [
-    "encoder=pixels",
-    "encoder.input_size=32",
-    "encoder.patch_size=8",
-    "predictor.depth=1",
-    "predictor.heads=2",
-    "predictor.dim_head=8",
-    "predictor.mlp_dim=32",
+    *TINY_MODEL,
     "frameskip=2",
     "num_hist=3",
     "training.val_batches=1",
     "training.rollout_eval_steps=0",
     "training.precision=fp32",
-    "progress=false",
-    "device=cpu",
+    *QUIET_CPU,
 ]
 WINDOWS, BATCH = 115, 19
 

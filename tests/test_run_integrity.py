@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_configs import QUIET_CPU, TINY_MODEL
 
 import wmlab.train as train_module
 from wmlab.cli import compose
@@ -33,21 +34,14 @@ from wmlab.runs import (
 from wmlab.train import TrainingError, train
 
 TINY = [
-    "encoder=pixels",
-    "encoder.input_size=32",
-    "encoder.patch_size=8",
-    "predictor.depth=1",
-    "predictor.heads=2",
-    "predictor.dim_head=8",
-    "predictor.mlp_dim=32",
+    *TINY_MODEL,
     "frameskip=2",
     "num_hist=2",
     "training.batch_size=8",
     "training.max_steps_per_epoch=2",
     "training.val_batches=1",
     "training.rollout_eval_steps=2",
-    "progress=false",
-    "device=cpu",
+    *QUIET_CPU,
 ]
 EPOCHS = 3
 

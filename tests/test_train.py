@@ -14,27 +14,21 @@ import time
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny_configs import QUIET_CPU, TINY_MODEL
 
 from wmlab.cli import compose
 from wmlab.runs import load_run, load_tensors, trained_epochs
 from wmlab.train import TrainingError, train
 
 TINY = [
-    "encoder=pixels",
-    "encoder.input_size=32",
-    "encoder.patch_size=8",
-    "predictor.depth=1",
-    "predictor.heads=2",
-    "predictor.dim_head=8",
-    "predictor.mlp_dim=32",
+    *TINY_MODEL,
     "frameskip=2",
     "num_hist=2",
     "training.batch_size=8",
     "training.max_steps_per_epoch=4",
     "training.val_batches=2",
     "training.rollout_eval_steps=3",
-    "progress=false",
-    "device=cpu",
+    *QUIET_CPU,
 ]
 
 

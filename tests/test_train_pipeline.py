@@ -7,6 +7,7 @@ import json
 
 import pytest
 from omegaconf import OmegaConf
+from tiny_configs import QUIET_CPU, TINY_MODEL
 
 import wmlab.precision as precision_module
 from wmlab.cli import compose
@@ -14,13 +15,7 @@ from wmlab.runs import load_tensors
 from wmlab.train import train
 
 TINY = [
-    "encoder=pixels",
-    "encoder.input_size=32",
-    "encoder.patch_size=8",
-    "predictor.depth=1",
-    "predictor.heads=2",
-    "predictor.dim_head=8",
-    "predictor.mlp_dim=32",
+    *TINY_MODEL,
     "predictor.dropout=0.1",  # dropout draws from the RNG: the streams must not depend on the readers
     "frameskip=2",
     "num_hist=2",
@@ -28,8 +23,7 @@ TINY = [
     "training.max_steps_per_epoch=3",
     "training.val_batches=1",
     "training.rollout_eval_steps=0",
-    "progress=false",
-    "device=cpu",
+    *QUIET_CPU,
 ]
 
 
