@@ -201,7 +201,8 @@ def _train(cfg: DictConfig):
     from wmlab.train import train
 
     run_dir = train(_plain(cfg))
-    print(f"run directory: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns; one line is enough
+        print(f"run directory: {run_dir}")
     return run_dir
 
 
