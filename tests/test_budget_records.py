@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from tiny_configs import PLAN_TEST_TRAIN, TINY_PLAN
 
 from wmlab.cli import compose, run
 from wmlab.envs import make_env
@@ -215,16 +216,7 @@ def test_dset_pairs_come_only_from_the_runs_validation_episodes(tiny_store, tmp_
 
 
 # ------------------------------------------------------------------ precision in the summary and the key
-TINY_TRAIN = [
-    "encoder=pixels", "encoder.input_size=32", "encoder.patch_size=16", "predictor.depth=1",
-    "predictor.heads=2", "predictor.dim_head=8", "predictor.mlp_dim=16", "frameskip=2", "num_hist=1",
-    "training.epochs=1", "training.batch_size=8", "training.max_steps_per_epoch=2", "training.val_batches=1",
-    "training.rollout_eval_steps=1", "progress=false", "device=cpu", "split_ratio=0.5",
-]  # fmt: skip
-TINY_PLAN = [
-    "planner=mpc_cem", "planner.samples=4", "planner.topk=2", "planner.opt_steps=1", "n_evals=2", "goal_H=1",
-    "max_steps=4", "n_videos=0", "progress=false", "device=cpu",
-]  # fmt: skip
+TINY_TRAIN = [*PLAN_TEST_TRAIN, "split_ratio=0.5"]
 
 
 @pytest.fixture(scope="module")

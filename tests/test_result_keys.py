@@ -12,6 +12,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 from tests_paths import FIXTURES
+from tiny_configs import PLAN_TEST_TRAIN, TINY_PLAN
 
 from wmlab.cli import compose
 from wmlab.integrity import KeyMismatch, LockHeld
@@ -21,16 +22,7 @@ needs_dino_wm = pytest.mark.skipif(
     not DINO_WM_RUN.is_dir(), reason=f"DINO-WM fixture not found at {DINO_WM_RUN}"
 )
 
-TINY_TRAIN = [
-    "encoder=pixels", "encoder.input_size=32", "encoder.patch_size=16", "predictor.depth=1",
-    "predictor.heads=2", "predictor.dim_head=8", "predictor.mlp_dim=16", "frameskip=2", "num_hist=1",
-    "training.epochs=1", "training.batch_size=8", "training.max_steps_per_epoch=2", "training.val_batches=1",
-    "training.rollout_eval_steps=1", "progress=false", "device=cpu",
-]  # fmt: skip
-TINY_PLAN = [
-    "planner=mpc_cem", "planner.samples=4", "planner.topk=2", "planner.opt_steps=1", "n_evals=2", "goal_H=1",
-    "max_steps=4", "n_videos=0", "progress=false", "device=cpu",
-]  # fmt: skip
+TINY_TRAIN = PLAN_TEST_TRAIN
 
 
 @pytest.fixture(scope="module")
