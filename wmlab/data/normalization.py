@@ -6,7 +6,6 @@ into the statistics; we use training episodes only. Std is the unbiased estimate
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from wmlab.data.errors import DatasetError
-from wmlab.integrity import atomic_write_json
+from wmlab.integrity import atomic_write_json, fingerprint
 
 #: A dimension that never varies (e.g. a padded action) would divide by zero; clamp its std.
 MIN_STD = 1e-6
 
 
 def _payload_digest(payload: dict) -> str:
-    from wmlab.integrity import canonical_json
-
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    """The full sha256 (64 hex) of the statistics' canonical JSON."""
+    return fingerprint(payload, length=64)
 
 
 @dataclass
