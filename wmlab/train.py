@@ -655,7 +655,7 @@ def _training_precision(requested, model, train_set, tokens, device, saved, rank
         if requested == "auto":
             ids = np.linspace(0, len(train_set) - 1, num=min(16, len(train_set))).astype(int)
             ids = ids[: len(ids) // 2 * 2] if len(ids) >= 4 else np.resize(ids, 4)
-            windows = {k: torch.as_tensor(v).to(device) for k, v in train_set.get_batch(ids).items()}
+            windows = _batch_to(train_set.get_batch(ids), device)
             windows["visual"] = tokens(windows["visual"])
 
             @torch.no_grad()
