@@ -218,3 +218,10 @@ def test_proprio_false_is_a_train_option_recorded_in_the_model(tiny_store, tmp_p
     run_dir = train(tiny_cfg(tiny_store, tmp_path / "run", "training.epochs=1", "proprio=false"))
     model, cfg = load_run(run_dir)
     assert cfg["proprio"] is False and model.cfg.use_proprio is False
+
+
+def test_switches_refuse_words_that_would_silently_mean_on(tiny_store, tmp_path):
+    for bad in ("proprio=maybe", "predict_delta=yes"):
+        with pytest.raises(Exception, match="must be true or false"):
+            train(tiny_cfg(tiny_store, tmp_path / "run", bad))
+    assert not (tmp_path / "run").exists()

@@ -295,6 +295,9 @@ VALUE_CHECKS = {
     "num_pred": _int_at_least(1),
     "action_emb_dim": _int_at_least(1),
     "proprio_emb_dim": _int_at_least(1),
+    # bool("maybe") is True: a switch given as any other word would silently mean "on"
+    "predict_delta": (lambda v: isinstance(v, bool), "true or false"),
+    "proprio": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
