@@ -12,10 +12,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
-from tiny_configs import QUIET_CPU, TINY_MODEL
+from tiny_configs import QUIET_CPU, TINY_MODEL, train_config
 
-from wmlab.cli import compose
 from wmlab.runs import RUN_CHECKPOINT, load_tensors
 from wmlab.train import epoch_batches, lr_scale, rank_seed, train
 
@@ -86,8 +84,7 @@ def test_a_bad_lr_scaling_or_workers_value_is_refused(tiny_store, tmp_path):
 
 
 def cfg_for(store, run_dir, *extra) -> dict:
-    overrides = [*DDP, f"data={store.path}", f"run_dir={run_dir}", *extra]
-    return OmegaConf.to_container(compose("train", overrides), resolve=True)
+    return train_config(DDP, store, run_dir, *extra)
 
 
 def torchrun(store, run_dir, *extra) -> subprocess.CompletedProcess:

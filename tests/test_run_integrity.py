@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
-from tiny_configs import QUIET_CPU, TINY_MODEL
+from tiny_configs import QUIET_CPU, TINY_MODEL, train_config
 
 import wmlab.train as train_module
-from wmlab.cli import compose
 from wmlab.integrity import LockHeld, UserError
 from wmlab.runs import (
     RUN_CHECKPOINT,
@@ -48,8 +46,7 @@ EPOCHS = 3
 
 def cfg_for(store, run_dir, *extra) -> dict:
     epochs = [] if any(e.startswith("training.epochs=") for e in extra) else [f"training.epochs={EPOCHS}"]
-    overrides = [*TINY, f"data={store.path}", f"run_dir={run_dir}", *epochs, *extra]
-    return OmegaConf.to_container(compose("train", overrides), resolve=True)
+    return train_config(TINY, store, run_dir, *epochs, *extra)
 
 
 @pytest.fixture(scope="module")

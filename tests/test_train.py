@@ -13,10 +13,8 @@ import time
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from tiny_configs import QUIET_CPU, TINY_MODEL
+from tiny_configs import QUIET_CPU, TINY_MODEL, train_config
 
-from wmlab.cli import compose
 from wmlab.runs import load_run, load_tensors, trained_epochs
 from wmlab.train import TrainingError, train
 
@@ -33,8 +31,7 @@ TINY = [
 
 
 def tiny_cfg(store, run_dir, *extra) -> dict:
-    overrides = [*TINY, f"data={store.path}", f"run_dir={run_dir}", *extra]
-    return OmegaConf.to_container(compose("train", overrides), resolve=True)
+    return train_config(TINY, store, run_dir, *extra)
 
 
 def test_train_writes_a_run_that_rebuilds_itself(tiny_store, tmp_path):

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from omegaconf import OmegaConf
-from tiny_configs import QUIET_CPU, TINY_MODEL
+from tiny_configs import QUIET_CPU, TINY_MODEL, train_config
 
 import wmlab.precision as precision_module
-from wmlab.cli import compose
 from wmlab.runs import load_tensors
 from wmlab.train import train
 
@@ -28,8 +26,7 @@ TINY = [
 
 
 def cfg_for(store, run_dir, *extra) -> dict:
-    overrides = [*TINY, f"data={store.path}", f"run_dir={run_dir}", *extra]
-    return OmegaConf.to_container(compose("train", overrides), resolve=True)
+    return train_config(TINY, store, run_dir, *extra)
 
 
 def history_and_weights(run) -> tuple[list[float], dict]:

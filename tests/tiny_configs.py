@@ -28,3 +28,13 @@ TINY_PLAN = [
     "planner=mpc_cem", "planner.samples=4", "planner.topk=2", "planner.opt_steps=1", "n_evals=2", "goal_H=1",
     "max_steps=4", "n_videos=0", "progress=false", "device=cpu",
 ]  # fmt: skip
+
+
+def train_config(settings: list[str], store, run_dir, *extra: str) -> dict:
+    """The resolved ``wmlab train`` config of ``settings`` on ``store`` into ``run_dir`` (+ ``extra``)."""
+    from omegaconf import OmegaConf
+
+    from wmlab.config import compose
+
+    overrides = [*settings, f"data={store.path}", f"run_dir={run_dir}", *extra]
+    return OmegaConf.to_container(compose("train", overrides), resolve=True)
