@@ -7,13 +7,15 @@ their names say.
    frame-level split would flatter every encoder). The study passes the episodes no in-domain encoder
    (a VAE trained on the dataset) saw; without that list the split is random and the row says so.
 2. **Latent vs true distance**: Spearman rank correlation between the latent distance of a frame to
-   a goal frame (MSE over visual tokens, the planner objective's visual term) and the maze's
+   a goal frame (MSE over visual tokens in the run's latent units, standardised per channel when the run
+   standardises: the planner objective's visual term) and the maze's
    shortest-path distance between the two agent positions (``wmlab.envs.geodesic``), *per goal*,
    averaged over goals: a planner only ranks candidates against one goal at a time, and a pooled
    correlation mixes in how each goal's latent distances happen to be scaled. A local version keeps
    only pairs within a geodesic radius (the endgame of planning). The pooled value is kept for reference.
 3. **Open-loop prediction error** at 1..K model steps: num_hist teacher frames, then an
-   autoregressive rollout with the dataset's actions on windows of the run's validation episodes.
+   autoregressive rollout with the dataset's actions on windows of the run's validation episodes, in
+   the run's latent units (as 2; the probe, 1, reads the encoder's own tokens).
    Reported as *skill against copy-last* (model MSE / MSE of repeating the last given frame, per
    horizon: above 1 the model is worse than not predicting at all, and the report flags it) and a
    *temporally normalised NMSE* (total squared error over channels / total mean squared one-step
@@ -415,9 +417,19 @@ def _model_device(model):
     return "cpu"
 
 
+def model_units(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Encoder tokens -> the model's latent units on the CPU (its ``standardize_visual``; unchanged for a
+    model without one): rollout predictions are in these units, so truths are compared there."""
+    standardize = getattr(model, "standardize_visual", None)
+    if standardize is None:
+        return tokens
+    return standardize(torch.as_tensor(tokens).to(_model_device(model)).float()).cpu()
+
+
 @torch.no_grad()
 def open_loop_predictions(model, visual, proprio, actions, horizons: int, chunk: int = 16) -> torch.Tensor:
-    """Autoregressive predictions at model steps 1..horizons: (B, horizons, N, D) float32 on CPU.
+    """Autoregressive predictions at model steps 1..horizons: (B, horizons, N, D) float32 on CPU, in the
+    model's latent units (compare with ``model_units(model, tokens)``).
 
     Args as ``open_loop_nmse``: the first ``model.cfg.num_hist`` frames of each window are given.
     """
@@ -463,6 +475,7 @@ def open_loop_nmse(
     visual = torch.as_tensor(visual).float()
     H = int(model.cfg.num_hist)
     pred = open_loop_predictions(model, visual, proprio, actions, horizons, chunk)
+    visual = model_units(model, visual)
     variance = channel_variance(visual) if variance is None else variance
     return normalized_mse(pred, visual[:, H : H + horizons], variance)
 
@@ -479,6 +492,7 @@ def open_loop_errors(
     visual = torch.as_tensor(visual).float()
     H = int(model.cfg.num_hist)
     pred = open_loop_predictions(model, visual, proprio, actions, horizons, chunk)
+    visual = model_units(model, visual)
     return prediction_errors(pred, visual[:, H : H + horizons], visual[:, H - 1], mean_step_change(visual))
 
 
@@ -681,6 +695,11 @@ def diagnose_run(
     pair_goal = np.arange(n_pairs) % len(goal_ep)  # sample i < n_pairs pairs with goal i mod G
     features: np.ndarray | None = None
     latent = np.empty(n_pairs)
+
+    def in_model_units(tokens: torch.Tensor) -> torch.Tensor:
+        # The distance and prediction errors are measured where the planner's objective measures them.
+        return model_units(model, tokens)
+
     sums = torch.zeros(info.dim, dtype=torch.float64)
     sq_sums = torch.zeros(info.dim, dtype=torch.float64)
 
@@ -696,7 +715,9 @@ def diagnose_run(
         paired = idx < n_pairs
         if paired.any():
             goals = goal_tokens[pair_goal[idx[paired]]]  # (p, N, D)
-            latent[idx[paired]] = latent_distance(tokens[torch.from_numpy(paired)], goals)
+            latent[idx[paired]] = latent_distance(
+                in_model_units(tokens[torch.from_numpy(paired)]), in_model_units(goals)
+            )
 
     _read_sample(read, sample_ep, sample_t, on_chunk)
     xy = states[sample_ep, sample_t, :2].astype(np.float64)  # (M, 2)
@@ -749,7 +770,10 @@ def diagnose_run(
                 [encoder.encode(flat[s : s + 64].to(device)).float().cpu() for s in range(0, B * Fr, 64)]
             )
         visual = visual.reshape(B, Fr, *visual.shape[1:])  # (B, H+K, N, D)
-    pred = open_loop_predictions(model, visual, batch["proprio"], batch["actions"], horizons)
+    pred = open_loop_predictions(model, visual, batch["proprio"], batch["actions"], horizons)  # model units
+    if model.cfg.latent_norm == "channel":  # the pooled variance of the standardised channels
+        variance = variance / model.visual_scale.detach().double().cpu() ** 2
+    visual = in_model_units(visual)  # (B, H+K, N, D), compared with pred in the objective's units
     nmse = normalized_mse(pred, visual[:, num_hist : num_hist + horizons], variance)
     errors = prediction_errors(
         pred, visual[:, num_hist : num_hist + horizons], visual[:, num_hist - 1], mean_step_change(visual)

@@ -97,8 +97,44 @@ def model_config(cfg: dict, encoder, store: TrajectoryStore) -> WorldModelConfig
         concat_dim=int(cfg["concat_dim"]),
         predict_delta=bool(cfg.get("predict_delta", False)),
         use_proprio=bool(cfg.get("proprio", True)),
+        latent_norm=str(cfg.get("latent_norm", "none")),
         predictor=dict(cfg["predictor"]),
     )
+
+
+#: Windows read to estimate the per-channel latent statistics (evenly spaced over the training set).
+LATENT_STAT_WINDOWS = 256
+#: A channel's scale is at least this fraction of the RMS channel std: a channel that never moves in
+#: the training episodes (a wall pixel) must not be blown up to unit variance by dividing by ~0.
+LATENT_STD_FLOOR = 0.05
+
+
+@torch.no_grad()
+def latent_statistics(dataset: WindowDataset, tokens: VisualTokens, max_windows: int = LATENT_STAT_WINDOWS):
+    """Per-channel mean and std (D,) of the visual tokens of up to ``max_windows`` training windows
+    (every frame and token of each), accumulated in float64; std floored (``LATENT_STD_FLOOR``).
+    Returns (mean, std, info) with info = {"windows", "frames", "floored_channels", "std_floor"}."""
+    ids = np.linspace(0, len(dataset) - 1, num=min(max_windows, len(dataset))).round().astype(int)
+    total = sq_total = None
+    count = 0
+    for start in range(0, len(ids), 32):
+        visual = tokens(torch.as_tensor(dataset.get_batch(ids[start : start + 32])["visual"]))  # (b, F, N, D)
+        flat = visual.double().reshape(-1, visual.shape[-1])  # (b*F*N, D)
+        total = flat.sum(0) if total is None else total + flat.sum(0)
+        sq_total = (flat**2).sum(0) if sq_total is None else sq_total + (flat**2).sum(0)
+        count += flat.shape[0]
+    mean = total / count
+    var = (sq_total / count - mean**2).clamp_min(0.0)  # (D,)
+    floor = LATENT_STD_FLOOR * float(var.mean().sqrt())
+    if not floor > 0:
+        raise TrainingError(
+            "the training episodes' visual tokens are constant in every channel: there is nothing to learn "
+            "(is the dataset rendered? is the encoder's input blank?)"
+        )
+    std = var.sqrt()
+    info = {"windows": len(ids), "frames": count // int(visual.shape[2]), "std_floor": floor,
+            "floored_channels": int((std < floor).sum())}  # fmt: skip
+    return mean.float(), std.clamp_min(floor).float(), info
 
 
 def make_optimizer(model: LatentWorldModel, tcfg: dict, lr_scale: float = 1.0) -> torch.optim.Optimizer:
@@ -210,7 +246,7 @@ def evaluate(model, dataset: WindowDataset, tokens: VisualTokens, batch_size: in
         batch = _batch_to(dataset.get_batch(ids), device)
         batch["visual"] = tokens(batch["visual"])
         _, parts = model.loss(batch)
-        visual = batch["visual"]  # (B, H+1, N, D)
+        visual = model.standardize_visual(batch["visual"])  # (B, H+1, N, D) in the loss's units
         parts["copy_last_visual_loss"] = F.mse_loss(visual[:, :-1], visual[:, 1:])
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(ids)
@@ -222,8 +258,8 @@ def evaluate(model, dataset: WindowDataset, tokens: VisualTokens, batch_size: in
 def rollout_errors(
     model, dataset: WindowDataset | None, tokens: VisualTokens, horizon: int, device, n: int = 64
 ):
-    """Open-loop visual error at 1..horizon model steps on held-out windows: raw MSE and MSE
-    divided by the tokens' variance (so encoders with different scales compare)."""
+    """Open-loop visual error at 1..horizon model steps on held-out windows, in the model's latent units:
+    MSE and MSE divided by the tokens' variance (so encoders with different scales compare)."""
     if dataset is None or len(dataset) == 0:
         return {}
     model.eval()
@@ -233,7 +269,7 @@ def rollout_errors(
     H = model.cfg.num_hist
     out = model.rollout(visual[:, :H], batch["proprio"][:, :H], batch["actions"][:, : H + horizon - 1])
     pred = out["visual"][:, H:]  # (B, K, N, D)
-    true = visual[:, H : H + horizon]
+    true = model.standardize_visual(visual[:, H : H + horizon])  # (B, K, N, D)
     mse = ((pred - true) ** 2).mean(dim=(0, 2, 3))  # (K,)
     variance = true.var().clamp_min(1e-12)
     return {f"rollout_mse_{k + 1}": float(mse[k]) for k in range(horizon)} | {
@@ -318,6 +354,11 @@ def validate_config(cfg: dict) -> None:
         "precision": ("auto", "fp32", "bf16", "tf32"),
         "lr_scaling": ("none", "linear"),
     }
+    norm = cfg.get("latent_norm", "none")
+    if norm not in ("none", "channel"):
+        raise UserError(
+            f"latent_norm={norm!r} is not valid: it must be none (DINO-WM's raw tokens) or channel."
+        )
     for key, valid in choices.items():
         value = tcfg.get(key) or valid[0]
         if value not in valid:
@@ -348,6 +389,7 @@ ADDED_KEY_DEFAULTS = {
     "training.workers": "auto",
     "training.prefetch": 4,
     "training.compile": False,
+    "latent_norm": "none",  # runs before standardisation trained on raw tokens
 }
 
 
@@ -455,6 +497,10 @@ def _train(cfg: dict, rank: int, world: int) -> Path:
 
     mcfg = model_config(cfg, encoder, store)
     model = LatentWorldModel(mcfg).to(device)
+    latent_info = None
+    if mcfg.latent_norm == "channel" and not resuming:  # a resumed run loads its own with the weights
+        mean, std, latent_info = latent_statistics(train_set, tokens)
+        model.set_latent_statistics(mean.to(device), std.to(device))
     scale = lr_scale(tcfg.get("lr_scaling") or "none", world)
     optimizer = make_optimizer(model, tcfg, scale)
     epochs, batch_size = int(tcfg["epochs"]), int(tcfg["batch_size"])
@@ -491,10 +537,13 @@ def _train(cfg: dict, rank: int, world: int) -> Path:
         progress = _resume(run_dir, cfg, model, optimizer, metadata, write=rank == 0, lr_scale=scale,
                            rank=rank, world=world, device=device)  # fmt: skip
         saved_precision = progress.pop("saved_precision", None)
+        latent_info = progress.pop("saved_latent_statistics", None)
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir / "config.yaml", cfg)
         stats.save(run_dir / "normalization.json")
+    if latent_info is not None:  # how the statistics in the weights were estimated
+        metadata["latent_statistics"] = latent_info
     start_epoch, global_step = progress["epoch"], progress["global_step"]
     if start_epoch < epochs:
         requested = tcfg.get("precision") or "auto"
@@ -827,6 +876,7 @@ def _resume(
         "history": list(state.get("history", [])),
         "config_changes": changes,
         "saved_precision": saved.get("precision"),
+        "saved_latent_statistics": saved.get("latent_statistics"),
     }
 
 

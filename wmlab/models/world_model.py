@@ -7,6 +7,14 @@ tiled onto every visual token: width = Dv + Ep + Ea (384 + 10 + 10 = 404 for DIN
 
 Training is teacher-forced: from frames 0..H-1 predict 1..H in one pass; the loss is MSE on the
 visual and proprio parts, never on the action part (actions are inputs, not predictions).
+
+Latent standardisation (``latent_norm="channel"``, wmlab's default for runs it trains): the encoder's
+tokens are shifted and scaled per channel by statistics of the training episodes (buffers saved with the
+weights) before they enter z. Everything downstream of ``embed``, the predictor, the training loss, the
+rollout's ``visual`` output and the planning objective (which standardises the goal with
+``standardize_visual``), then works in units of each channel's spread. Without it, one encoder's
+latents move 5000x more per step than another's, so a GD step size or an MSE cost means something
+different for each. ``"none"`` keeps DINO-WM's raw tokens (imported DINO-WM runs, older wmlab runs).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from wmlab.models.predictor import BlockCausalPredictor, PredictorConfig
+
+LATENT_NORMS = ("none", "channel")
 
 
 @dataclass
@@ -38,6 +48,9 @@ class WorldModelConfig:
     #: False = the no-proprio arm: the predictor sees zeros for proprio (same token layout and size, no
     #: information) and only the visual part is scored, so planning quality rests on the visual latent.
     use_proprio: bool = True
+    #: "none" = DINO-WM's raw encoder tokens; "channel" = per-channel standardisation with the training
+    #: episodes' mean and std (buffers visual_shift / visual_scale; see the module docstring).
+    latent_norm: str = "none"
     predictor: dict = field(default_factory=dict)  # PredictorConfig fields except the derived ones
 
     def predictor_config(self) -> PredictorConfig:
@@ -69,7 +82,14 @@ class LatentWorldModel(nn.Module):
             raise ValueError("only num_pred=1 is supported (as in DINO-WM)")
         if cfg.concat_dim == 0 and not (cfg.visual_dim == cfg.action_emb_dim == cfg.proprio_emb_dim):
             raise ValueError("concat_dim=0 needs action_emb_dim == proprio_emb_dim == the visual token width")
+        if cfg.latent_norm not in LATENT_NORMS:
+            raise ValueError(f"latent_norm must be one of {LATENT_NORMS}, got {cfg.latent_norm!r}")
         self.cfg = cfg
+        if cfg.latent_norm == "channel":
+            # Identity until set_latent_statistics (train.py, from the training episodes); loaded with the
+            # weights afterwards, so a checkpoint's statistics can never disagree with its predictor.
+            self.register_buffer("visual_shift", torch.zeros(cfg.visual_dim))
+            self.register_buffer("visual_scale", torch.ones(cfg.visual_dim))
         # DINO-WM uses Conv1d(kernel=1), i.e. the same linear map applied at every step.
         self.action_encoder = nn.Linear(cfg.action_dim, cfg.action_emb_dim)
         self.proprio_encoder = nn.Linear(cfg.proprio_dim, cfg.proprio_emb_dim)
@@ -83,14 +103,46 @@ class LatentWorldModel(nn.Module):
             nn.init.zeros_(self.delta_head.weight)
             nn.init.zeros_(self.delta_head.bias)
 
+    # ------------------------------------------------------------------ latent standardisation
+    def set_latent_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the per-channel shift (D,) and scale (D,) of a ``latent_norm="channel"`` model."""
+        if self.cfg.latent_norm != "channel":
+            raise ValueError(
+                f"set_latent_statistics needs latent_norm='channel', not {self.cfg.latent_norm!r}"
+            )
+        D = self.cfg.visual_dim
+        if tuple(mean.shape) != (D,) or tuple(std.shape) != (D,):
+            raise ValueError(
+                f"latent statistics must be ({D},) each, got {tuple(mean.shape)}, {tuple(std.shape)}"
+            )
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("latent statistics must be finite with std > 0")
+        self.visual_shift.copy_(mean)
+        self.visual_scale.copy_(std)
+
+    def standardize_visual(self, visual: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens (..., N, Dv) -> the model's visual latent (identity when latent_norm="none")."""
+        if self.cfg.latent_norm == "none":
+            return visual
+        return (visual - self.visual_shift.to(visual.dtype)) / self.visual_scale.to(visual.dtype)
+
+    def raw_visual(self, visual: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``standardize_visual``: the model's visual latent -> encoder token units
+        (for a pixel decoder trained on the encoder's tokens)."""
+        if self.cfg.latent_norm == "none":
+            return visual
+        return visual * self.visual_scale.to(visual.dtype) + self.visual_shift.to(visual.dtype)
+
     # ------------------------------------------------------------------ token layout
     def embed(self, visual: torch.Tensor, proprio: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """visual (B, T, N, Dv), proprio (B, T, P), actions (B, T, A) -> z (B, T, N', D')."""
+        """visual (B, T, N, Dv) encoder tokens, proprio (B, T, P), actions (B, T, A) -> z (B, T, N', D').
+        The visual tokens are standardised here (``standardize_visual``)."""
         B, T, N, Dv = visual.shape
         assert (N, Dv) == (self.cfg.num_visual_tokens, self.cfg.visual_dim), (
             f"visual tokens {tuple(visual.shape)} do not match the model's ({N=}, {Dv=}) -> "
             f"({self.cfg.num_visual_tokens}, {self.cfg.visual_dim})"
         )
+        visual = self.standardize_visual(visual)
         if not self.cfg.use_proprio:
             proprio = torch.zeros_like(proprio)  # the no-proprio arm: nothing of the true state gets in
         p = self.proprio_encoder(proprio)  # (B, T, Ep)
@@ -160,6 +212,8 @@ class LatentWorldModel(nn.Module):
         actions (B, S, n + t, A) or (B, n + t, A): the first n go with the observed frames (as in
         DINO-WM), the next t are planned. Returns {"z": (B, S, n + t + 1, N', D'), "visual":
         (B, S, n + t + 1, N, Dv), "proprio": (B, S, n + t + 1, Ep)}; the last t + 1 frames are predicted.
+        "visual" is in the model's latent units (standardised when latent_norm="channel"; compare it with
+        ``standardize_visual(tokens)``, decode ``raw_visual`` of it).
 
         fast (default: in eval mode): compute only what the rollout reads, the last frame of each
         predictor call, with the same result to fp32 rounding. While the window still starts at frame 0

@@ -100,7 +100,8 @@ def rollout_cost_fn(
     model: a ``LatentWorldModel`` in eval mode (dropout would make costs random).
     obs_visual (B, n, N, Dv), obs_proprio (B, n, P): the n observed frames' encoder tokens and
         normalised proprio, encoded once by the caller (images are never re-encoded here).
-    goal_visual (B, N, Dv): goal tokens; goal_proprio (B, P): the goal's normalised *raw* proprio,
+    goal_visual (B, N, Dv): goal encoder tokens (standardised here as the model's latents are);
+        goal_proprio (B, P): the goal's normalised *raw* proprio,
         embedded here once with the model's proprio encoder, as the rollout's proprio output is.
     chunk: sequences per rollout call, over all start states together (the B x S candidates are
         one list of rows, so a call may span episodes); "auto" or None (default): as many as fit
@@ -153,6 +154,8 @@ def rollout_cost_fn(
     device = obs_visual.device
     with torch.no_grad():
         goal_proprio_emb = model.proprio_encoder(goal_proprio)  # (B, Ep)
+        # The rollout's visual output is in the model's latent units; bring the goal's tokens there too.
+        goal_visual = model.standardize_visual(goal_visual)  # (B, N, Dv)
 
     def rows_per_call(S: int, T: int, grad: bool) -> int:
         if chunk != "auto":
