@@ -558,16 +558,30 @@ def run_identity(run_dir: str | Path) -> dict:
 
 
 def versions() -> dict:
+    import platform
+    from importlib import metadata
+
     import numpy
 
     import wmlab
 
+    found = {}
+    for package in VERSIONED_PACKAGES:  # the libraries results depend on, where installed
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
     return {
         "wmlab": wmlab.__version__,
         "torch": torch.__version__,
         "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        **found,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+VERSIONED_PACKAGES = ("transformers", "hydra-core", "mujoco", "gymnasium", "zarr", "safetensors", "scipy")
 
 
 # ------------------------------------------------------------------ world-model run directories

@@ -61,6 +61,7 @@ import time
 import traceback
 from pathlib import Path
 
+from wmlab.data.store import jsonable
 from wmlab.integrity import (
     LockHeld,
     UserError,
@@ -70,7 +71,7 @@ from wmlab.integrity import (
     fingerprint,
     keyed_dir,
 )
-from wmlab.runs import read_json
+from wmlab.runs import read_json, versions
 
 BASELINE = "baseline"
 #: ``cell=merge``: merge and report only (the same as ``merge_only=true``)
@@ -191,6 +192,8 @@ class Study:
             "protocol": self.protocol,
             "train_overrides": list(cfg["train"]),
             "command": cfg.get("command") or "wmlab study",
+            "config": jsonable(cfg),  # the full resolved study config, for the report's appendix
+            "versions": versions(),
         }
         if cfg.get("contrasts"):  # the four-factor section's contrasts (the report's defaults otherwise)
             settings["contrasts"] = [dict(c) for c in cfg["contrasts"]]
@@ -720,9 +723,12 @@ class Study:
         meta = self.run_dir(encoder, seed) / "metadata.json"
         history = read_json(meta).get("history", []) if meta.is_file() else []
         last = history[-1] if history else {}
+        keep = ("epoch", "train_loss", "val_z_visual_loss", "val_copy_last_visual_loss")
         return {
             "val_loss": last.get("val_z_visual_loss"),
             "copy_last_loss": last.get("val_copy_last_visual_loss"),
+            # per epoch, for the report's training curves
+            "loss_history": [{k: h[k] for k in keep if k in h} for h in history],
         }
 
     def plan_time_per_step(self, encoder: str, seed: int):

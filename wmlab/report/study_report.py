@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from wmlab.diagnostics import per_goal_spearman, spearman
-from wmlab.report import analysis, stats
+from wmlab.report import analysis, figures, stats
 from wmlab.report.analysis import BASELINE
 
 #: Episode rows must carry these keys (the study runner's contract).
@@ -49,6 +49,7 @@ HORIZONS = (1, 5)
 MAX_GIFS = 8  # GIFs shown (one per video folder, in folder order)
 MAX_GIF_BYTES = 4 * 2**20  # larger GIFs are linked from the Markdown but not embedded in the HTML
 MAX_SCATTER_POINTS = 3000  # per encoder, subsampled (seeded) so the PNG stays light
+TRAJECTORY_PAIRS = 4  # start/goal pairs drawn on the maze, every encoder side by side
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -266,18 +267,7 @@ def _render_html(title: str, blocks: list[tuple]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- plots
-def _figure(width: float, height: float):
-    # A bare Figure renders with Agg and touches no global pyplot state or backend setting.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _save(fig, path: Path) -> Path:
-    from wmlab.integrity import atomic_write_with
-
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
-    return path
+_figure, _save = figures.figure, figures.save
 
 
 BASELINE_STYLES = {"random": ("--", "floor"), "oracle": (":", "ceiling")}
@@ -414,6 +404,48 @@ def _skill_plot(path: Path, encoders, diag) -> Path | None:
     ax.set_title(f"{title} (mean over seeds)", fontsize=10)
     _panel_legend(ax)
     return _save(fig, path)
+
+
+def _trajectory_plot(path: Path, study: dict, planners, encoders, cells, floor_rows):
+    """Trajectories of TRAJECTORY_PAIRS shared pairs on the maze, every encoder (and the planner's
+    baselines) side by side, under the first planner whose rows carry xy_trace, for the first seed.
+    Pairs on which the columns disagree (some reached, some not) come first. -> (path, note) or None."""
+    from wmlab.envs.maze_layouts import MazeLayout
+
+    for planner in planners:
+        columns = [e for e in encoders if any(r.get("xy_trace") for r in cells.get((e, planner), []))]
+        if not columns:
+            continue
+        seed = min(r["seed"] for e in columns for r in cells[(e, planner)])
+        rows_by = {
+            (e, analysis.pair_id(r)): r for e in columns for r in cells[(e, planner)] if r["seed"] == seed
+        }
+        for name, rows in (floor_rows.get(planner) or {}).items():
+            mine = [r for r in rows if r.get("xy_trace") and r.get("seed", seed) == seed] or [
+                r for r in rows if r.get("xy_trace")
+            ]
+            if mine:
+                columns.append(name)
+                rows_by.update({(name, analysis.pair_id(r)): r for r in mine})
+        pairs = sorted({pair for (_, pair) in rows_by}, key=str)
+        disagree = [
+            p
+            for p in pairs
+            if len({bool(rows_by[(c, p)]["reached"]) for c in columns if (c, p) in rows_by}) > 1
+        ]
+        chosen = (disagree + [p for p in pairs if p not in disagree])[:TRAJECTORY_PAIRS]
+        maze = (study.get("env_settings") or {}).get("maze")
+        try:
+            layout = MazeLayout.named(maze) if maze else None
+        except (KeyError, ValueError):
+            layout = None
+        note = (
+            f"{planner}, seed {seed}: {len(chosen)} of the {len(pairs)} shared start/goal pairs "
+            f"({sum(p in disagree for p in chosen)} on which the columns disagree come first); the agent's "
+            "position at every observation, start ○, goal ★, green = reached."
+        )
+        return _save(figures.trajectory_figure(chosen, columns, rows_by, layout), path), note
+    return None
 
 
 def _scatter_plot(path: Path, scatter: dict[str, dict]) -> Path | None:
@@ -906,6 +938,25 @@ def build_report(study_dir: str | Path, *, n_boot: int = stats.N_BOOT) -> dict[s
         written["distance_plot"] = _save(
             distance_figure(planners, dist_curves), out_dir / "distance_vs_step.png"
         )
+    trajectories = _trajectory_plot(
+        out_dir / "trajectories.png", study, planners, encoders, cells, floor_rows
+    )
+    if trajectories is not None:
+        written["trajectory_plot"], trajectory_note = trajectories
+    cost_curves: dict = {}
+    for (e, planner), rows in cells.items():
+        if (curve := figures.relative_cost_curve(rows)) is not None:
+            cost_curves.setdefault(planner, {})[e] = curve
+    cost_curves = {p: {e: c[e] for e in encoders if e in c} for p, c in cost_curves.items()}
+    if cost_curves:
+        written["plan_cost_plot"] = _save(figures.plan_cost_figure(cost_curves), out_dir / "plan_cost.png")
+    histories = {
+        e: [r["loss_history"] for r in diag_rows or [] if r["encoder"] == e and r.get("loss_history")]
+        for e in encoders
+    }
+    histories = {e: h for e, h in histories.items() if h}
+    if histories:
+        written["training_plot"] = _save(figures.training_figure(histories), out_dir / "training_curves.png")
     if (p := _skill_plot(out_dir / "prediction_error_by_horizon.png", encoders, diag)) is not None:
         written["skill_plot"] = p
     if (p := _scatter_plot(out_dir / "latent_vs_geodesic.png", scatter)) is not None:
@@ -1034,8 +1085,27 @@ def build_report(study_dir: str | Path, *, n_boot: int = stats.N_BOOT) -> dict[s
         ]
     else:
         blocks.append(("p", "No results/distances/*.json: no latent-vs-geodesic scatter."))
+    blocks += [("h2", "Planning and training")]
+    if "plan_cost_plot" in written:
+        blocks += [
+            ("note", "The best cost found after each optimiser iteration of every episode's first plan, "
+             "divided by the best after the first iteration (costs of different encoders are in different "
+             "latent units), mean over episodes and seeds: how much more each iteration buys."),
+            ("img", written["plan_cost_plot"], "planning cost per iteration"),
+        ]  # fmt: skip
+    else:
+        blocks.append(("p", "No plan_cost_trace in the episode rows (an older `wmlab plan`): no cost curve."))
+    if "training_plot" in written:
+        blocks += [("img", written["training_plot"], "training curves")]
+    else:
+        blocks.append(("p", "No loss_history in results/diagnostics.jsonl: no training curves."))
     blocks += [("h2", "Comparability with DINO-WM"), ("p", _comparability(protocol, budget))]
-    blocks += [("h2", "Episodes"), ("gifs", gifs) if gifs else ("p", "No videos.")]
+    blocks += [("h2", "Episodes")]
+    if "trajectory_plot" in written:
+        blocks += [("note", trajectory_note), ("img", written["trajectory_plot"], "trajectories on the maze")]
+    else:
+        blocks.append(("p", "No xy_trace in the episode rows (an older `wmlab plan`): no trajectories."))
+    blocks += [("gifs", gifs) if gifs else ("p", "No videos.")]
     blocks += [
         ("h2", "Protocol"),
         ("table", ["Setting", "Value"], protocol_rows) if protocol_rows else ("p", "Not recorded."),
@@ -1044,6 +1114,16 @@ def build_report(study_dir: str | Path, *, n_boot: int = stats.N_BOOT) -> dict[s
     ]
     if study.get("command"):
         blocks += [("p", "Command:"), ("pre", str(study["command"]))]
+    blocks.append(("h2", "Versions and full configuration"))
+    versions = study.get("versions") or {}
+    blocks.append(
+        ("table", ["Package", "Version"], [[k, str(v)] for k, v in versions.items()])
+        if versions else ("p", "Versions not recorded (study.json from an older wmlab).")
+    )  # fmt: skip
+    if study.get("config"):
+        blocks.append(("pre", json.dumps(study["config"], indent=1, sort_keys=True)))
+    else:
+        blocks.append(("p", "The resolved configuration is not recorded (study.json from an older wmlab)."))
     blocks.append(("h2", "Failed cells"))
     if failure_rows:
         blocks.append(("table", ["Encoder", "Seed", "Planner", "Stage", "Error"], failure_rows))
