@@ -17,12 +17,16 @@ max_steps budget), so every planner is drawn against its own floor and ceiling. 
   seed), reached / final success, ``first_reached_step``, ``dist_trace`` (geodesic distance to the goal
   at every observation) with ``obs_steps`` (their env steps, from 0), ``max_steps`` (the budget),
   final distances (xy ``final_dist``, ``final_geodesic_dist``, DINO-WM's ``final_state_dist``), env
-  steps used, ``iterations_used`` (plans made), median plan seconds, ``for_planner``;
+  steps used, ``iterations_used`` (plans made), median plan seconds, ``for_planner``; ``xy_trace``
+  (agent x, y after every env step, from the start) and ``goal_xy`` (for trajectories drawn on the maze);
+  ``plan_cost_trace`` (a model planner's lowest cost after each optimiser iteration of the episode's
+  first plan; null for the baselines);
 - ``summary.json``: success rates with 95% Wilson intervals, mean final distances, median plan time,
   the protocol (budget; ``unbounded`` when ``max_iter=null`` reproduces DINO-WM's loop), iterations
   used, ``for_planner``, the dset ``split``, and ``policy`` (a model planner's chosen precision with its
   evidence, chunking); written last, so its presence marks a finished cell;
-- ``videos/episode_<i>_<success|failure>.gif``: real frames beside the goal for the first episodes.
+- ``videos/episode_<i>_<success|failure>.gif``: real frames beside the goal for the first episodes,
+  each labelled with its env step and distance to the goal.
 
 Where results go. By default a cell lives in ``outputs/plans/<model>__<planner>__<goal_source>_gH<H>_
 n<N>_seed<S>__<hash of its key>``: a re-run with exactly the same key is skipped ("already evaluated"),
@@ -66,7 +70,8 @@ BASELINES = ("random", "oracle")
 #: Version of a plan cell's layout and meaning (key.json, results.jsonl, summary.json, videos/).
 #: Bump it when evaluation changes what the same settings produce: old cells then get new keys.
 #: 3: rows carry the budget-curve fields (dist_trace, obs_steps, first_reached_step, ...).
-PLAN_FORMAT = 3
+#: 4: rows carry xy_trace, goal_xy and plan_cost_trace; GIFs are labelled (step, distance).
+PLAN_FORMAT = 4
 DEFAULT_PLANS_DIR = Path("outputs") / "plans"
 
 
@@ -99,6 +104,9 @@ class EpisodeBatch:
             self.obs_steps.append([0])
             self.obs_xy.append([np.array(env.state[:2], dtype=np.float64)])
         self.videos = {int(i): [self.frames[int(i)]] for i in record if int(i) < len(self)}
+        # The agent's (x, y) after every env step, from the start: the path drawn on the maze (xy_trace).
+        self.path_xy: list[list[np.ndarray]] = [[xy[0]] for xy in self.obs_xy]
+        self.video_xy = {i: [self.obs_xy[i][0]] for i in self.videos}  # agent (x, y) of each video frame
         self._goal_frames = None
 
     def __len__(self) -> int:
@@ -131,8 +139,10 @@ class EpisodeBatch:
         self.env.set_physics(self.physics[i])
         for action in actions:
             self.env.step(action)
+            self.path_xy[i].append(np.array(self.env.state[:2], dtype=np.float64))
             if i in self.videos:
                 self.videos[i].append(self.env.render())
+                self.video_xy[i].append(self.path_xy[i][-1])
         self.physics[i] = self.env.get_physics()
         self.frames[i] = self.videos[i][-1] if i in self.videos else self.env.render()
         # run_mpc executes one plan's actions per call and observes after it: one grid point per call
@@ -147,6 +157,13 @@ class EpisodeBatch:
         """``geodesic`` (shortest path in the maze, ``wmlab.envs.geodesic``, the oracle's cost) when the
         env is a maze, else ``xy`` (straight-line distance; recorded in every row as ``dist_kind``)."""
         return "geodesic" if getattr(self.env, "layout", None) is not None else "xy"
+
+    def distances_to_goal(self, i: int, xy: np.ndarray) -> np.ndarray:
+        """Distance (geodesic in a maze, else xy) from points xy (M, 2) to episode i's goal -> (M,)."""
+        goal_xy = np.repeat(self.goals[i : i + 1, :2], len(xy), axis=0)  # (M, 2)
+        if self.distance_kind == "geodesic":
+            return _geodesic_or_nan(self.env.layout, xy, goal_xy)
+        return np.linalg.norm(xy - goal_xy, axis=1)
 
     def distance_traces(self) -> list[np.ndarray]:
         """Each episode's distance to its goal at every observation (``obs_steps``): float (K_i,).
@@ -293,7 +310,8 @@ def env_step_budget(protocol: Protocol) -> int:
 
 def outcome_row(
     i: int, pair_seed: int, outcome: EpisodeOutcome, protocol: Protocol, *, dist_trace=None,
-    obs_steps=None, dist_kind: str = "geodesic", for_planner: str | None = None,
+    obs_steps=None, dist_kind: str = "geodesic", for_planner: str | None = None, xy_trace=None,
+    goal_xy=None, plan_cost_trace=None,
 ) -> dict:  # fmt: skip
     """One episode's row of ``results.jsonl`` (the fields ``wmlab.report.analysis`` reads).
 
@@ -335,13 +353,19 @@ def outcome_row(
         "plan_time_s": float(np.median(outcome.plan_seconds)) if outcome.plan_seconds else 0.0,
         "n_plans": len(outcome.plan_seconds),
         "iterations_used": len(outcome.plan_seconds),
+        "xy_trace": None
+        if xy_trace is None
+        else [[round(float(x), 4), round(float(y), 4)] for x, y in xy_trace],
+        "goal_xy": None if goal_xy is None else [float(goal_xy[0]), float(goal_xy[1])],
+        "plan_cost_trace": None if plan_cost_trace is None else [float(c) for c in plan_cost_trace],
     }
 
 
 def write_videos(
     batch: EpisodeBatch, outcomes: list[EpisodeOutcome], out_dir: Path, fps: int = 12
 ) -> list[Path]:
-    """Each recorded episode as a GIF: the real frames (left) beside the goal image (right)."""
+    """Each recorded episode as a GIF: the real frames (left) beside the goal image (right), under a
+    label strip: "current | goal" and the env step and distance to the goal of each frame."""
     import imageio.v3 as iio
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +373,12 @@ def write_videos(
     paths = []
     for i, frames in batch.videos.items():
         tag = "success" if outcomes[i].final else "failure"
-        side = [np.concatenate([f, goals[i]], axis=1) for f in frames[::2] + frames[-1:]]  # (H, 2W, 3)
+        dist = batch.distances_to_goal(i, np.stack(batch.video_xy[i]))  # (len(frames),)
+        shown = [*range(0, len(frames), 2), len(frames) - 1]
+        side = [
+            labelled_frame(frames[k], goals[i], f"step {k}  {batch.distance_kind} {dist[k]:.2f}")
+            for k in shown
+        ]  # (H', 2W', 3) each
         path = out_dir / f"episode_{i:03d}_{tag}.gif"
         gif = iio.imwrite("<bytes>", np.stack(side), extension=".gif", duration=1000 / fps, loop=0)
         atomic_write_bytes(path, gif, fsync=False)  # a unique temp name per writer, then rename
@@ -357,11 +386,43 @@ def write_videos(
     return paths
 
 
+#: Video frames narrower than this are enlarged (nearest neighbour) so their labels stay legible.
+LABEL_MIN_WIDTH = 128
+
+
+def labelled_frame(current: np.ndarray, goal: np.ndarray, caption: str) -> np.ndarray:
+    """current | goal (H, W, 3) uint8 side by side, enlarged to >= ``LABEL_MIN_WIDTH`` px each, under a
+    strip with "current", "goal" and ``caption`` -> (H' + 28, 2 W', 3) uint8."""
+    from PIL import Image, ImageDraw
+
+    scale = max(1, -(-LABEL_MIN_WIDTH // current.shape[1]))  # ceil
+    pair = np.concatenate([current, goal], axis=1).repeat(scale, axis=0).repeat(scale, axis=1)
+    strip = Image.new("RGB", (pair.shape[1], 28), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((3, 1), "current", fill="black")
+    draw.text((pair.shape[1] // 2 + 3, 1), "goal", fill="black")
+    draw.text((3, 14), caption, fill="black")
+    return np.concatenate([np.asarray(strip), pair], axis=0)
+
+
+def first_plan_cost_traces(policy, n: int) -> list:
+    """Per episode, the lowest cost after each optimiser iteration (I,) of the policy's first plan (every
+    episode is active then, in order), or None for a policy without planner traces (the baselines)."""
+    results = getattr(policy, "last_results", None) or []
+    trace = getattr(results[0], "trace_best", None) if results else None
+    if trace is None or trace.ndim != 2 or trace.shape[1] != n:
+        return [None] * n
+    values = trace.detach().float().cpu().numpy()  # (I, n)
+    return [values[:, i] for i in range(n)]
+
+
 def evaluate_policy(
     policy, env, starts, goals, pair_seeds, protocol: Protocol, out_dir=None, *, n_videos: int = 3,
-    extra: dict | None = None, progress: bool = False,
+    extra: dict | None = None, progress: bool = False, before_summary=None,
 ) -> tuple[list[dict], dict]:  # fmt: skip
-    """Run ``policy`` on all pairs at once; return (rows, summary) and write them when ``out_dir``."""
+    """Run ``policy`` on all pairs at once; return (rows, summary) and write them when ``out_dir``.
+    ``before_summary()`` -> dict: more summary fields, computed after the results are written and before
+    summary.json (whose presence marks a finished cell), so a kill never leaves a cell without them."""
     batch = EpisodeBatch(env, starts, goals, record=range(n_videos))
     bar = None
     if progress:
@@ -381,8 +442,11 @@ def evaluate_policy(
     traces, kind = batch.distance_traces(), batch.distance_kind
     for_planner = (extra or {}).get("for_planner")
     rows = []
+    cost_traces = first_plan_cost_traces(policy, len(batch))
     for i, (pair, outcome) in enumerate(zip(pair_seeds, outcomes, strict=True)):
-        grid = {"dist_trace": traces[i], "obs_steps": batch.obs_steps[i], "dist_kind": kind}
+        grid = {"dist_trace": traces[i], "obs_steps": batch.obs_steps[i], "dist_kind": kind,
+                "xy_trace": batch.path_xy[i], "goal_xy": batch.goals[i, :2],
+                "plan_cost_trace": cost_traces[i]}  # fmt: skip
         rows.append(outcome_row(i, pair, outcome, protocol, for_planner=for_planner, **grid))
     wall = time.perf_counter() - started
     meta = {"policy": policy.metadata} if hasattr(policy, "metadata") else {}
@@ -393,6 +457,8 @@ def evaluate_policy(
         videos = write_videos(batch, outcomes, out_dir / "videos") if n_videos else []
         summary["videos"] = [str(p.relative_to(out_dir)) for p in videos]
         atomic_write_text(out_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if before_summary is not None:
+            summary.update(before_summary())
         atomic_write_json(out_dir / "summary.json", summary)  # last: its presence marks a finished cell
     return rows, summary
 
@@ -799,8 +865,16 @@ def plan(cfg: dict) -> Path:
             # half-done cell that only a run with this same key resumes (recomputes).
             (out_dir / "summary.json").unlink(missing_ok=True)
             shutil.rmtree(out_dir / "videos", ignore_errors=True)
+            shutil.rmtree(out_dir / "imagined", ignore_errors=True)
             write_key(out_dir, setup.key)
-            evaluate_policy(**job)
+            # What the model imagined for each recorded episode's first plan (wmlab.imagined), if a
+            # decoder exists: the list (or why there is none) goes into summary.json.
+            from wmlab.imagined import record_imagined
+
+            names = ("policy", "env", "starts", "goals", "out_dir")
+            evaluate_policy(**job, before_summary=lambda: record_imagined(
+                setup.run_dir, *(job[k] for k in names), n=job["n_videos"]
+            ))  # fmt: skip
         finally:
             env.close()
     return out_dir

@@ -51,6 +51,22 @@ def _frames_to_targets(frames: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
+def decode_latents(decode, world_model, visual: torch.Tensor) -> torch.Tensor:
+    """World-model latents -> pixels: ``visual`` (..., N, D) in the model's latent units (a rollout's
+    ``"visual"``) is brought to encoder token units (``world_model.raw_visual``: a decoder reads the
+    encoder's tokens, not the standardised latents), then ``decode`` maps tokens (M, N, D) to images
+    (M, 3, s, s) in [-1, 1]. Returns (..., 3, s, s) in [-1, 1]."""
+    lead, (N, D) = visual.shape[:-2], visual.shape[-2:]
+    images = decode(world_model.raw_visual(visual).reshape(-1, N, D))  # (M, 3, s, s)
+    return images.reshape(*lead, *images.shape[1:])
+
+
+def tile_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of K images each, (K, 3, s, s) in [-1, 1], stacked top to bottom -> uint8 (3, R*s, K*s)."""
+    grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # (3, R*s, K*s)
+    return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+
+
 def train_decoder(
     run_dir: str | Path,
     steps: int = 2000,
@@ -216,14 +232,10 @@ def log_decoded_rollout(run_dir: Path, decoder, store, cache, encoder, dev, step
     proprio = torch.as_tensor(batch["proprio"]).to(dev)
     actions = torch.as_tensor(batch["actions"]).to(dev)
     out = model.rollout(tokens[:, :H], proprio[:, :H], actions[:, : H + horizon - 1])
-    imagined = decoder(out["visual"][:, H:].reshape(B * horizon, *tokens.shape[2:]))  # (n*K, 3, s, s)
+    imagined = decode_latents(decoder, model, out["visual"][:, H:])  # (n, K, 3, s, s)
     real = _frames_to_targets(frames[:, H:].reshape(B * horizon, *frames.shape[2:]), size)
-    rows = []
-    for b in range(B):  # real row, then imagined row, per window
-        for images in (real, imagined):
-            row = images[b * horizon : (b + 1) * horizon]  # (K, 3, s, s) in [-1, 1]
-            rows.append(torch.cat(list(row), dim=2))  # (3, s, K*s)
-    grid = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).byte().cpu()  # (3, 2n*s, K*s)
+    real = real.reshape(B, horizon, *real.shape[1:])  # (n, K, 3, s, s)
+    grid = tile_rows([row for b in range(B) for row in (real[b], imagined[b])])  # (3, 2n*s, K*s)
     iio.imwrite(run_dir / "decoded_rollout.png", grid.permute(1, 2, 0).numpy())
     writer = _tensorboard(run_dir)
     if writer is not None:
