@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -84,6 +85,49 @@ def test_study_writes_long_results_failures_and_report(finished_study):
     html = (finished_study / "report" / "report.html").read_text()
     assert "pixels_big" in html and "dino_tok" in html
     assert list((finished_study / "videos").glob("pixels__seed0__mpc_cem/*.gif"))
+
+
+def test_the_report_shows_episodes_planning_training_and_provenance(finished_study):
+    """What a reader needs beyond the tables, from the results files: each pair's trajectory on the
+    maze for every encoder, planning cost per optimiser iteration, training curves, labelled GIFs,
+    the versions and the full resolved config."""
+    import imageio.v3 as iio
+
+    from wmlab.report.study_report import build_report
+
+    episodes = read_jsonl(finished_study / "results" / "episodes.jsonl")
+    for r in episodes:
+        assert len(r["xy_trace"]) == r["steps_used"] + 1 and len(r["goal_xy"]) == 2  # every env step
+        start, end, goal = (np.asarray(v, float) for v in (r["xy_trace"][0], r["xy_trace"][-1], r["goal_xy"]))
+        assert np.linalg.norm(end - goal) == pytest.approx(r["final_dist"], abs=1e-3)  # the path ends there
+        assert np.linalg.norm(start - goal) <= r["dist_trace"][0] + 1e-3  # geodesic >= straight line
+        # the planner's cost after each CEM iteration (opt_steps=2) is non-increasing; baselines have none
+        if r["encoder"] == "baseline":
+            assert r["plan_cost_trace"] is None
+        else:
+            assert len(r["plan_cost_trace"]) == 2 and r["plan_cost_trace"][1] <= r["plan_cost_trace"][0]
+    diagnostics = read_jsonl(finished_study / "results" / "diagnostics.jsonl")
+    assert all([h["epoch"] for h in d["loss_history"]] == [1] for d in diagnostics)
+    study = json.loads((finished_study / "study.json").read_text())
+    assert study["config"]["encoders"] == ["pixels", "pixels_big", "dino_tok"]
+    assert {"wmlab", "torch", "python", "mujoco"} <= set(study["versions"])
+
+    written = build_report(finished_study, n_boot=200)  # from the results files alone
+    for name in ("trajectory_plot", "plan_cost_plot", "training_plot"):
+        image = iio.imread(written[name])
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 5, name  # drawn, not blank
+    md = written["markdown"].read_text()
+    assert "trajectories.png" in md and "plan_cost.png" in md and "training_curves.png" in md
+    assert "Versions and full configuration" in md and study["versions"]["torch"] in md
+    assert "No imagined/ pictures: no run of this study has a decoder" in md  # raw pixels have none
+    summary = json.loads(
+        next((finished_study / "cells").glob("pixels__seed0__mpc_cem*/summary.json")).read_text()
+    )
+    assert summary["imagined"] == [] and "decoder" in summary["imagined_note"]
+    gif = iio.imread(next((finished_study / "videos").glob("pixels__seed0__mpc_cem/*.gif")), index=0)
+    assert gif.shape[0] == 128 + 28 and gif.shape[1] == 2 * 128  # 32 px frames enlarged, label strip on top
+    strip = gif[:28]
+    assert (strip < 100).any() and (strip > 200).mean() > 0.5  # black text on white
 
 
 def test_rerunning_a_study_skips_finished_cells(finished_study, study_store):

@@ -1,6 +1,6 @@
 """The representation study (``wmlab study``): the same world model and planners over many encoders.
 
-For each encoder: prepare it (train the in-domain ones, e.g. the ``vae``, on the dataset), build its
+For each encoder: prepare it (train the in-domain ones, ``vae`` and ``dino_tok``, per seed), build its
 frozen-feature cache, then for each seed train the world model with identical settings, run the
 diagnostics (the probe scored on the validation episodes, which no in-domain encoder trained on),
 and evaluate every planner on the same start/goal pairs under the same budget. The random-policy and
@@ -11,7 +11,7 @@ is built from them alone.
 Layout of ``study_dir``::
 
     study.json                      settings, protocol, per-stage seconds and runs (accumulated)
-    encoders/<encoder>__seed<k>__<hash>/   in-domain encoder weights (vae), one per seed, trained on
+    encoders/<encoder>__seed<k>__<hash>/   in-domain encoder weights (vae, dino_tok), one per seed, trained on
                                     the world model's training episodes only (keyed by settings, seed,
                                     episodes and dataset)
     runs/<encoder>__seed<k>/        world-model run directories (resumable)
@@ -60,6 +60,7 @@ import shutil
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 from wmlab.data.store import jsonable
 from wmlab.integrity import (
@@ -83,6 +84,27 @@ _VOLATILE = ("out", "run_dir", "progress", "device", "overwrite", "n_videos", "c
              "data_root", "ckpt_base_path", "model_name", "plans_dir")  # fmt: skip
 #: How long a study.json update waits for another cell job's update (each holds it for milliseconds).
 INFO_LOCK_WAIT_S = 60.0
+
+
+class InDomain(NamedTuple):
+    """An encoder the study trains itself, one per seed on its training episodes (``Study.train_in_domain``):
+    its settings block in ``conf/study.yaml``, its key's kind, the JSON its training writes (with ``step``
+    and ``steps``: finished when they are equal) and ``module:function`` of the trainer (called as
+    ``trainer(data, out, seed=, episodes=, device=, progress=, **settings)``)."""
+
+    settings: str
+    kind: str
+    marker: str
+    trainer: str
+
+
+#: base encoder -> how the study trains it in-domain (unless ``encoder.weights=`` is given)
+IN_DOMAIN = {
+    "vae": InDomain("vae", "study_vae", "vae.json", "wmlab.training.vae:train_vae"),
+    "dino_tok": InDomain(
+        "tokenizer", "study_tokenizer", "tokenizer.json", "wmlab.training.tokenizer:train_tokenizer"
+    ),
+}
 
 
 class StudyError(UserError, ValueError):
@@ -294,12 +316,13 @@ class Study:
 
     def encoder_overrides(self, encoder: str, data: Path, seed: int) -> list[str]:
         """Train-time overrides choosing ``encoder``, after preparing it when it learns in-domain (the
-        VAE: one per seed, on the training episodes only)."""
+        VAE, the DINO-Tok tokenizer: one per seed, on the training episodes only; ``IN_DOMAIN``) and has
+        no ``encoder.weights=`` override."""
         overrides = [f"encoder={self.base_encoder(encoder)}", *self.cfg["encoder_overrides"].get(encoder, [])]
-        if self.base_encoder(encoder) == "vae" and not any(
+        if self.base_encoder(encoder) in IN_DOMAIN and not any(
             o.startswith("encoder.weights=") for o in overrides
         ):
-            overrides.append(f"encoder.weights={self.train_vae(encoder, seed, data)}")
+            overrides.append(f"encoder.weights={self.train_in_domain(encoder, seed, data)}")
         return overrides
 
     def base_encoder(self, encoder: str) -> str:
@@ -322,17 +345,26 @@ class Study:
         )
         return sorted(int(e) for e in train), sorted(int(e) for e in val)
 
-    def vae_dir(self, encoder: str, seed: int) -> Path:
-        """Where the VAE of ``encoder`` for ``seed`` lives, under the key of what it is trained from."""
-        key = {"kind": "study_vae", "vae": dict(self.cfg["vae"]), "seed": int(seed),
+    def in_domain_dir(self, encoder: str, seed: int) -> Path:
+        """Where the in-domain weights of ``encoder`` (``IN_DOMAIN``) for ``seed`` live, under the key of
+        what they are trained from: the settings block, the seed, the training episodes, the dataset."""
+        spec = IN_DOMAIN[self.base_encoder(encoder)]
+        key = {"kind": spec.kind, spec.settings: dict(self.cfg.get(spec.settings) or {}), "seed": int(seed),
                "episodes": self.split[0], "data": self.data_fingerprint}  # fmt: skip
         return keyed_dir(self.dir / "encoders", f"{encoder}__seed{seed}", key)
 
-    def train_vae(self, encoder: str, seed: int, data: Path) -> Path:
-        from wmlab.training.vae import train_vae
+    vae_dir = tokenizer_dir = in_domain_dir
 
-        out = self.vae_dir(encoder, seed)
-        if not (out / "vae.json").is_file():
+    def train_in_domain(self, encoder: str, seed: int, data: Path) -> Path:
+        """Train ``encoder``'s in-domain weights for ``seed`` on the training episodes only (once: a
+        finished directory of the same key is reused); merge-only and cluster cell jobs never train."""
+        import importlib
+
+        spec = IN_DOMAIN[self.base_encoder(encoder)]
+        out = self.in_domain_dir(encoder, seed)
+        saved = _read_or_none(out / spec.marker) if (out / spec.marker).is_file() else None
+        # Written at every save: finished only at its last step (an interrupted one resumes).
+        if not (saved and int(saved.get("step", 0)) >= int(saved.get("steps", 1))):
             if self.merge_only:
                 raise NotComputed(f"{out} is not trained")
             if self.prepared:
@@ -340,10 +372,12 @@ class Study:
                     f"{out} is not trained: the cache job of '{encoder}' did not finish (see its log under "
                     f"the study's submitit/cache/); re-run it with `wmlab study ... cell={encoder}`"
                 )
+            module, name = spec.trainer.split(":")
+            train = getattr(importlib.import_module(module), name)  # looked up now (tests replace it)
             self.timed(
-                f"prepare:{encoder}", train_vae, data, out, device=self.cfg["device"],
+                f"prepare:{encoder}", train, data, out, device=self.cfg["device"],
                 progress=self.cfg["progress"], seed=int(seed), episodes=self.split[0],
-                **dict(self.cfg["vae"]),
+                **dict(self.cfg.get(spec.settings) or {}),
             )  # fmt: skip
         return out
 
@@ -656,10 +690,11 @@ class Study:
             for line in (cell / "results.jsonl").read_text().splitlines():
                 row = json.loads(line)
                 episodes.append({"encoder": encoder, "seed": seed, **row, **extra})
-            videos = self.dir / "videos" / self.cell_label(encoder, seed, planner)
-            if (cell / "videos").is_dir():
-                shutil.rmtree(videos, ignore_errors=True)
-                shutil.copytree(cell / "videos", videos)
+            for kind in ("videos", "imagined"):  # GIFs; decoded imagined vs real rollouts (wmlab.imagined)
+                target = self.dir / kind / self.cell_label(encoder, seed, planner)
+                if (cell / kind).is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                    shutil.copytree(cell / kind, target)
         for encoder in self.cfg["encoders"]:
             for seed in (int(s) for s in self.cfg["seeds"]):
                 path = self.diagnostics_path(encoder, seed)

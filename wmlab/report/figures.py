@@ -3,7 +3,8 @@ optimiser iteration, training loss curves. Each takes plain rows (the results fi
 returns a matplotlib Figure (Agg, no pyplot state); ``save`` writes it atomically as PNG.
 
 - ``trajectory_figure``: the same start/goal pairs (rows) x every encoder (columns), the agent's
-  observed positions (``xy_trace``) drawn on the maze's walls, start ○, goal ★, reached or not.
+  path (``xy_trace``: its position after every env step) drawn on the maze's walls, start ○,
+  goal ★, reached or not.
 - ``plan_cost_figure``: per planner, the mean over episodes of the first plan's lowest cost after each
   iteration (``plan_cost_trace``) relative to iteration 1 (costs of different encoders live in
   different latent units, so the panel compares how much each optimiser gains, not the cost itself).
@@ -64,7 +65,7 @@ def trajectory_figure(pairs: list, columns: list[str], rows_by: dict, layout=Non
             if row is None or not row.get("xy_trace"):
                 ax.text(0.5, 0.5, "no trajectory", transform=ax.transAxes, ha="center", fontsize=7)
                 continue
-            xy = np.asarray(row["xy_trace"], dtype=float)  # (K, 2) at every observation
+            xy = np.asarray(row["xy_trace"], dtype=float)  # (steps + 1, 2) after every env step
             color = "tab:green" if row.get("reached") else "tab:red"
             ax.plot(xy[:, 0], xy[:, 1], color=color, linewidth=1.2, marker=".", markersize=2.5)
             ax.plot(*xy[0], marker="o", color="black", markersize=5, fillstyle="none")

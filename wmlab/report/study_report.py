@@ -16,6 +16,7 @@ section saying so, never silently empty)::
     results/distances/<encoder>__seed<k>.json *   {"latent": [...], "geodesic": [...], "goal": [...]}
     results/failures.jsonl *        {"encoder", "seed", "planner", "stage", "error"}
     videos/<encoder>__seed<k>__<planner>/*.gif *
+    imagined/<encoder>__seed<k>__<planner>/*.png *   decoded imagined vs real rollouts of first plans
 
 and writes ``report/report.md`` (images referenced beside it), ``report/report.html`` (one file:
 CSS inline, every image and GIF a base64 data URI, no external reference) and the PNG plots.
@@ -222,8 +223,8 @@ def _render_markdown(title: str, blocks: list[tuple]) -> str:
             md += [f"- {item}" for item in args[0]] + [""]
         elif kind == "table":
             md += [_markdown_table(args[0], args[1]), ""]
-        elif kind == "img":
-            md += [f"![{args[1]}]({args[0].name})", ""]
+        elif kind == "img":  # ("img", path, alt[, link from report/ when the image lives elsewhere])
+            md += [f"![{args[1]}]({args[2] if len(args) > 2 else args[0].name})", ""]
         elif kind == "pre":
             md += ["```", args[0], "```", ""]
         elif kind == "gifs":
@@ -406,6 +407,18 @@ def _skill_plot(path: Path, encoders, diag) -> Path | None:
     return _save(fig, path)
 
 
+def _first_files(root: Path, pattern: str) -> list[Path]:
+    """The first file matching ``pattern`` of each folder under ``root`` (folder order), at most MAX_GIFS."""
+    found: list[Path] = []
+    if root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            if files := sorted(folder.glob(pattern)):
+                found.append(files[0])
+            if len(found) >= MAX_GIFS:
+                break
+    return found
+
+
 def _trajectory_plot(path: Path, study: dict, planners, encoders, cells, floor_rows):
     """Trajectories of TRAJECTORY_PAIRS shared pairs on the maze, every encoder (and the planner's
     baselines) side by side, under the first planner whose rows carry xy_trace, for the first seed.
@@ -442,7 +455,7 @@ def _trajectory_plot(path: Path, study: dict, planners, encoders, cells, floor_r
         note = (
             f"{planner}, seed {seed}: {len(chosen)} of the {len(pairs)} shared start/goal pairs "
             f"({sum(p in disagree for p in chosen)} on which the columns disagree come first); the agent's "
-            "position at every observation, start ○, goal ★, green = reached."
+            "position after every env step, start ○, goal ★, green = reached."
         )
         return _save(figures.trajectory_figure(chosen, columns, rows_by, layout), path), note
     return None
@@ -990,15 +1003,8 @@ def build_report(study_dir: str | Path, *, n_boot: int = stats.N_BOOT) -> dict[s
         for entry in analysis.per_seed(rows, keys):
             cells_ = [f"{100 * entry[k]:.1f}%" if k in ("reached", "final") else _fmt(entry[k]) for k in keys]
             per_seed_rows.append([encoder, planner, str(entry["seed"]), str(entry["n"]), *cells_])
-    gifs = []
-    video_root = study_dir / "videos"
-    if video_root.is_dir():
-        for folder in sorted(p for p in video_root.iterdir() if p.is_dir()):
-            found = sorted(folder.glob("*.gif"))
-            if found:
-                gifs.append(found[0])
-            if len(gifs) >= MAX_GIFS:
-                break
+    gifs = _first_files(study_dir / "videos", "*.gif")
+    imagined = _first_files(study_dir / "imagined", "*.png")
 
     # ---- the report
     title = f"Representation study: {study.get('env', '?')}"
@@ -1106,6 +1112,18 @@ def build_report(study_dir: str | Path, *, n_boot: int = stats.N_BOOT) -> dict[s
     else:
         blocks.append(("p", "No xy_trace in the episode rows (an older `wmlab plan`): no trajectories."))
     blocks += [("gifs", gifs) if gifs else ("p", "No videos.")]
+    blocks.append(("h2", "Imagined vs real"))
+    if imagined:
+        blocks.append(("note", "Per cell, one episode's first plan: top, the real frames when its actions "
+                       "are executed open loop, then the goal; bottom, the world model's imagined rollout of "
+                       "the same actions through a decoder, then the decoded goal."))  # fmt: skip
+        blocks += [
+            ("img", p, f"imagined vs real: {p.parent.name}", f"../imagined/{p.parent.name}/{p.name}")
+            for p in imagined
+        ]
+    else:
+        blocks.append(("p", "No imagined/ pictures: no run of this study has a decoder (train one with "
+                       "`wmlab train-decoder`, or use an encoder with its own, like the vae)."))  # fmt: skip
     blocks += [
         ("h2", "Protocol"),
         ("table", ["Setting", "Value"], protocol_rows) if protocol_rows else ("p", "Not recorded."),
