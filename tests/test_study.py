@@ -39,6 +39,9 @@ def study_cfg(store, study_dir, **settings) -> dict:
         train=TINY_TRAIN,
         plan=TINY_PLAN,
         diagnostics={"n_frames": 60, "n_pairs": 30, "horizons": 2, "n_windows": 4},
+        # dino_tok must fail for want of DINOv2 weights even on a machine that could download them
+        # (it would train a full-size tokenizer there): point it at a folder that does not exist.
+        tokenizer={**cfg["tokenizer"], "dinov2_weights": "/nonexistent/wmlab-tests/no-dinov2-weights"},
     )
     cfg.update(settings)
     return cfg

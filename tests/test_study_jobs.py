@@ -121,7 +121,7 @@ def test_local_submitit_stages_give_the_in_process_results(in_process, jobs_stor
     assert states.pop(("cache", "dino_tok")).startswith("FAILED: ")  # no weights: its cache job fails
     assert set(states.values()) == {"COMPLETED"}, states  # ... and its cell job records why, and ends
     (failure,) = read_jsonl(tmp_path / "results" / "failures.jsonl")
-    assert (failure["cell"], failure["stage"]) == ("dino_tok", "encode") and "weights" in failure["message"]
+    assert (failure["cell"], failure["stage"]) == ("dino_tok", "prepare") and "weights" in failure["message"]
     for name in ("episodes.jsonl", "diagnostics.jsonl", "failures.jsonl"):
         ours, theirs = (read_jsonl(d / "results" / name) for d in (tmp_path, reference))
         assert _results(ours) == _results(theirs), name

@@ -731,10 +731,16 @@ class Study:
         rows = self.recorded_failures()
         # A cell job repeats its encoder's failed preparation (the cache job's): listed once, as in-process.
         encoder_level = {(r["encoder"], r["stage"], r["error"]) for r in rows if r["seed"] is None}
+        # ... and a cell job finding no in-domain weights because that preparation failed says only that.
+        unprepared = {r["encoder"] for r in rows if r["seed"] is None and r["stage"] == "prepare"}
         rows = [
             r
             for r in rows
-            if r["seed"] is None or (r["encoder"], r["stage"], r["error"]) not in encoder_level
+            if r["seed"] is None
+            or (
+                (r["encoder"], r["stage"], r["error"]) not in encoder_level
+                and not (r["stage"] == "prepare" and r["encoder"] in unprepared)
+            )
         ]
         rows += [f for f in self.failures if f["stage"] == "busy" and f not in rows]
         explained = {(r["encoder"], r["seed"], r["planner"]) for r in rows} | {

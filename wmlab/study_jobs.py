@@ -5,7 +5,7 @@ ended, whatever its outcome (``afterany``: every stage checks what it needs and 
 ``failures/<unit>.jsonl`` when it is missing, so the merge always runs and reports what failed)::
 
     collect                          the dataset, once
-    cache    one job per encoder     in-domain training (the VAE, one per seed) + feature cache(s)
+    cache    one job per encoder     in-domain training (VAE, DINO-Tok: one per seed) + feature cache(s)
     cell     an array over cells     <encoder>__seed<k> (train, diagnose, plan) and baseline
     merge                            merge the finished cells of the current keys + report; computes nothing
 

@@ -56,20 +56,25 @@ def train_tokenizer(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    episodes=None,
 ) -> Path:
     """Train the DINO-Tok reimplementation's projection + pixel decoder on a dataset's frames.
 
     Args:
-        data: a ``TrajectoryStore`` or its path. Frames come from the training episodes of the DINO-WM
-            split (90%, seed 42), uniformly over (episode, step); the rest give a fixed validation batch.
-        out: output directory (created); if it holds a checkpoint of the same config, training resumes
-            from its last saved step (bit-identical batches: the batch of step t depends on (seed, t) only).
+        data: a ``TrajectoryStore`` or its path. Frames come from the training episodes (``episodes``),
+            uniformly over (episode, step); the other committed episodes give a fixed validation batch.
+        out: output directory (created); if it holds a checkpoint of the same config and episodes, training
+            resumes from its last saved step (bit-identical batches: the batch of step t depends on
+            (seed, t) only); one of another config or other episodes is refused.
         dinov2_weights / dinov2_size: the frozen DINOv2 (None = ``facebook/dinov2-<size>``).
         latent_dim, input_size, shallow_layer (None = depth // 3), deep_layer, proj_hidden, decoder_channel:
             architecture (``TokenizerConfig``). input_size must be a multiple of 16.
         steps: total optimisation steps (a resume continues up to this number).
         batch_size, lr: Adam on frame-MSE in [-1, 1] pixel space.
         save_every: steps between saves (and validation); the last step always saves.
+        episodes: the training episode ids (a study passes its world models' training episodes, so no
+            validation episode is seen); None = the DINO-WM split's training episodes (90%, seed 42).
+            Recorded in ``tokenizer.json`` (``data.episodes``).
     Returns:
         ``out`` (pass it as ``make_encoder("dino_tok", weights=out)``).
     """
@@ -78,6 +83,7 @@ def train_tokenizer(
     from wmlab.data.store import TrajectoryStore
     from wmlab.data.windows import split_episodes
     from wmlab.runs import (
+        ResumeMismatch,
         load_training_checkpoint,
         resumable_run,
         save_training_checkpoint,
@@ -116,11 +122,24 @@ def train_tokenizer(
     committed = store.committed
     if len(committed) == 0:
         raise ValueError(f"dataset {store.path} has no committed episodes")
-    train_ids, val_ids = split_episodes(committed)
-    if len(train_ids) == 0:
-        train_ids = committed
+    if episodes is None:  # the DINO-WM split, as before
+        train_ids, val_ids = split_episodes(committed)
+        if len(train_ids) == 0:
+            train_ids = committed
+    else:
+        keep = {int(e) for e in episodes}
+        unknown = sorted(keep - {int(e) for e in committed})
+        if not keep or unknown:
+            raise ValueError(
+                f"episodes must be committed episodes of {store.path}: "
+                + (f"not committed: {unknown[:10]}" if unknown else "got none")
+            )
+        train_ids = np.asarray(sorted(keep), dtype=np.int64)
+        val_ids = np.asarray([int(e) for e in committed if int(e) not in keep], dtype=np.int64)
     if len(val_ids) == 0:
         val_ids = train_ids
+    # What it trains on, recorded; given episodes must match on resume (the DINO-WM split: as before).
+    trained_on, given = sorted(int(e) for e in train_ids), episodes is not None
     lengths = store.lengths
 
     def batch(ids: np.ndarray, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +158,17 @@ def train_tokenizer(
     if meta is not None:
         if meta["dinov2"]["sha256"] != dino_meta["sha256"]:
             raise ValueError(f"{out} was trained on other DINOv2 weights ({meta['dinov2']['weights']})")
+        saved = meta.get("data") or {}
+        was_given = bool(saved.get("episodes_given"))  # False for a run of before episodes=
+        if (given or was_given) and (given, trained_on) != (was_given, saved.get("episodes")):
+            was, now = (
+                f"{len(ids)} given episodes" if g else "the DINO-WM split"
+                for g, ids in ((was_given, saved.get("episodes") or []), (given, trained_on))
+            )
+            raise ResumeMismatch(
+                f"{out} holds a tokenizer trained on other episodes ({was}, now {now}); "
+                "use another out= or delete the directory to start over"
+            )
         load_training_checkpoint(ckpt_path, head, optimizer, meta["optimizer"])
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -191,7 +221,7 @@ def train_tokenizer(
                 "config": asdict(cfg), "dinov2": dino_meta, "step": step, "steps": steps,
                 "batch_size": batch_size, "lr": lr, "seed": seed,
                 "data": {"path": str(store.path), "train_episodes": len(train_ids),
-                         "val_episodes": len(val_ids)},
+                         "val_episodes": len(val_ids), "episodes": trained_on, "episodes_given": given},
                 "history": history, "seconds": seconds + time.perf_counter() - started,
                 "versions": versions(),
             })  # fmt: skip
