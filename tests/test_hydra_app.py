@@ -199,3 +199,9 @@ def test_keys_of_free_form_mappings_can_be_added(capsys):
     assert (
         main(["study", "+encoder_overridez.pixels=1"]) == 2
     )  # a typo of the mapping itself is still refused
+    # ... and where a preset already fills them (the demo names its pooled ViT), a variant can be added
+    variant = ["+encoder_names.vae_noproprio=vae", "+encoder_overrides.vae_noproprio=['proprio=false']"]
+    assert main(["demo", *variant, "--cfg", "job"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["encoder_names"] == {"random_vit_pool": "random_vit", "vae_noproprio": "vae"}
+    assert cfg["encoder_overrides"]["vae_noproprio"] == ["proprio=false"]

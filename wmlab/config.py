@@ -131,12 +131,19 @@ def check_overrides(name: str, overrides: Iterable[str]) -> None:
             )
 
 
+#: Mappings whose keys are the user's to choose (study variants), even where a preset already fills them.
+FREE_FORM_MAPPINGS = ("encoder_names", "encoder_overrides")
+
+
 def _under_free_form_mapping(name: str, key: str) -> bool:
-    """True when ``key``'s parent is a mapping that is empty by default (``encoder_overrides: {}``,
-    ``encoder_names: {}``): its keys are the user's to choose, and the code reads whatever is there."""
+    """True when ``key``'s parent is a mapping that is empty by default (``encoder_overrides: {}``) or one
+    of ``FREE_FORM_MAPPINGS`` (which a preset may fill: the demo's ``encoder_names`` names its pooled
+    ViT): its keys are the user's to choose, and the code reads whatever is there."""
     parent, _, _ = key.rpartition(".")
     if not parent:
         return False
+    if parent in FREE_FORM_MAPPINGS:
+        return True
     try:
         node = OmegaConf.to_container(compose(name, []), resolve=False)
     except Exception:

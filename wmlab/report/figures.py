@@ -116,16 +116,17 @@ def relative_cost_curve(rows: list[dict]) -> tuple[np.ndarray, int] | None:
 
 def training_figure(histories: dict):
     """histories: {encoder: [per-seed list of {"epoch", "train_loss", "val_z_visual_loss",
-    "val_copy_last_visual_loss"}]} -> train (dotted) and validation (solid) loss per epoch, mean over
-    seeds, and the validation copy-last loss (dashed, thin), one colour per encoder, log scale."""
+    "val_copy_last_visual_loss"}]} -> the training loss (visual + proprio parts, dotted), the validation
+    visual loss (solid) and the validation visual loss of copying the last frame (dashed, thin: the model
+    must go below it), per epoch, mean over seeds, one colour per encoder, log scale."""
     fig = figure(6.4, 4.6)
     ax = fig.subplots()
     for i, (encoder, seeds) in enumerate(histories.items()):
         color = f"C{i % 10}"
         for key, style, label in (
-            ("train_loss", ":", "train"),
-            ("val_z_visual_loss", "-", "val"),
-            ("val_copy_last_visual_loss", "--", "val copy-last"),
+            ("train_loss", ":", "train (visual + proprio)"),
+            ("val_z_visual_loss", "-", "val visual"),
+            ("val_copy_last_visual_loss", "--", "val visual, copy-last"),
         ):
             epochs, mean = _mean_by_epoch(seeds, key)
             if len(epochs):

@@ -408,15 +408,25 @@ def _skill_plot(path: Path, encoders, diag) -> Path | None:
 
 
 def _first_files(root: Path, pattern: str) -> list[Path]:
-    """The first file matching ``pattern`` of each folder under ``root`` (folder order), at most MAX_GIFS."""
+    """The first file matching ``pattern`` of each folder under ``root``, at most MAX_GIFS: the first
+    seed's cells and the baselines before other seeds, so every encoder gets one before any gets two."""
     found: list[Path] = []
     if root.is_dir():
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        folders = [p for p in root.iterdir() if p.is_dir()]
+        for folder in sorted(folders, key=lambda p: (_seed_rank(p.name), p.name)):
             if files := sorted(folder.glob(pattern)):
                 found.append(files[0])
             if len(found) >= MAX_GIFS:
                 break
     return found
+
+
+def _seed_rank(label: str) -> int:
+    """A cell label's seed (``<encoder>__seed<k>__<planner>``), for ordering; baselines count as 0."""
+    for part in label.split("__"):
+        if part.startswith("seed") and part[4:].isdigit():
+            return int(part[4:])
+    return 0
 
 
 def _trajectory_plot(path: Path, study: dict, planners, encoders, cells, floor_rows):
